@@ -1,0 +1,124 @@
+"""Factor once, solve many times: symmetric (indefinite) systems ``K z = b``.
+
+The optimality systems differentiated in this package are symmetric, so a single
+factorization serves forward mode (``K dz = -r``), reverse mode (``Kᵀ w = -g``, and
+``Kᵀ = K``) and any number of right-hand sides.
+
+Two variants sit behind :func:`factorize_symmetric`:
+
+* :class:`DenseFactorization` — torch ``lu_factor_ex`` on (optionally batched) dense matrices;
+  the singularity check reads the pivots of ``U``. A singular matrix falls back to the
+  Moore–Penrose pseudo-inverse from ``eigh``: ``z = K⁺ b`` is the minimum-norm least-squares
+  solution, and ``K⁺`` is symmetric, so the adjoint identity still holds exactly.
+* :class:`SparseFactorization` — scipy's SuperLU on CSC matrices, for systems too large to
+  hold densely. A singular matrix falls back to LSMR, whose iterates started at zero converge
+  to the minimum-norm least-squares solution.
+
+Neither torch nor scipy exposes a symmetric-indefinite (LDLᵀ) factorization with a solve for
+batched or sparse matrices, so LU is used on the symmetric matrix; the cost is at most twice
+that of LDLᵀ.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+import torch
+
+#: Pivot ratio below which a matrix is treated as singular.
+SINGULAR_RTOL = 1e-11
+#: Dense systems up to this order are factorized densely.
+DENSE_MAX_ORDER = 1500
+
+
+class DenseFactorization:
+    """LU of a dense (batched) symmetric matrix ``K`` of shape ``(*batch, N, N)``."""
+
+    def __init__(self, K: torch.Tensor, rtol: float = SINGULAR_RTOL):
+        self.order = K.shape[-1]
+        self._pinv = None
+        if self.order == 0:
+            self.singular = torch.zeros(K.shape[:-2], dtype=torch.bool)
+            return
+        lu, pivots, info = torch.linalg.lu_factor_ex(K)
+        diag = lu.diagonal(dim1=-2, dim2=-1).abs()
+        scale = K.abs().amax(dim=(-2, -1)).clamp_min(torch.finfo(K.dtype).tiny)
+        self.singular = (info != 0) | (diag.amin(dim=-1) <= rtol * self.order * scale)
+        self._lu, self._pivots = lu, pivots
+        if bool(self.singular.any()):
+            # eigh-based pseudo-inverse for the singular members of the batch
+            w, V = torch.linalg.eigh(K)
+            cutoff = 1e3 * torch.finfo(K.dtype).eps * self.order * w.abs().amax(-1, keepdim=True)
+            inv_w = torch.where(w.abs() > cutoff, 1.0 / w, torch.zeros_like(w))
+            self._pinv = (V * inv_w.unsqueeze(-2)) @ V.transpose(-1, -2)
+
+    def solve(self, rhs: torch.Tensor) -> torch.Tensor:
+        """``K⁻¹ rhs`` (``K⁺ rhs`` where ``K`` is singular); ``rhs`` is ``(*batch, N, k)``."""
+        if self.order == 0:
+            return rhs
+        z = torch.linalg.lu_solve(self._lu, self._pivots, rhs)
+        if self._pinv is not None:
+            mask = self.singular.reshape(*self.singular.shape, 1, 1)
+            z = torch.where(mask, self._pinv @ rhs, z)
+        return z
+
+
+class SparseFactorization:
+    """SuperLU of a sparse symmetric matrix, with an LSMR minimum-norm fallback."""
+
+    def __init__(self, K: sp.spmatrix, rtol: float = SINGULAR_RTOL):
+        self.order = K.shape[0]
+        self._K = sp.csc_matrix(K)
+        self._lu = None
+        try:
+            lu = spla.splu(self._K)
+            diag = np.abs(lu.U.diagonal())
+            scale = max(abs(self._K).max(), np.finfo(float).tiny)
+            if diag.min(initial=np.inf) > rtol * self.order * scale:
+                self._lu = lu
+        except RuntimeError:  # "Factor is exactly singular"
+            pass
+        self.singular = self._lu is None
+
+    def solve(self, rhs: np.ndarray) -> np.ndarray:
+        """``K⁻¹ rhs`` column by column (minimum-norm least squares where ``K`` is singular)."""
+        rhs = np.asarray(rhs, dtype=np.float64)
+        if self.order == 0:
+            return rhs
+        if self._lu is not None:
+            return self._lu.solve(rhs)
+        cols = rhs.reshape(self.order, -1)
+        out = np.column_stack([
+            spla.lsmr(self._K, col, atol=1e-14, btol=1e-14, maxiter=20 * self.order)[0]
+            for col in cols.T
+        ])
+        return out.reshape(rhs.shape)
+
+
+class SymmetricSystem:
+    """Uniform numpy front for either variant: ``solve(b)`` with ``b`` of shape (N,) or (N, k)."""
+
+    def __init__(self, K):
+        if sp.issparse(K) and K.shape[0] > DENSE_MAX_ORDER:
+            self._impl = SparseFactorization(K)
+            self.singular = self._impl.singular
+            self._dense = False
+        else:
+            dense = K.toarray() if sp.issparse(K) else np.asarray(K)
+            self._impl = DenseFactorization(torch.as_tensor(dense, dtype=torch.float64))
+            self.singular = bool(self._impl.singular)
+            self._dense = True
+        self.order = K.shape[0]
+
+    def solve(self, rhs: np.ndarray) -> np.ndarray:
+        rhs = np.asarray(rhs, dtype=np.float64)
+        if not self._dense:
+            return self._impl.solve(rhs)
+        b = torch.as_tensor(rhs.reshape(self.order, -1))
+        return self._impl.solve(b).numpy().reshape(rhs.shape)
+
+
+def factorize_symmetric(K) -> SymmetricSystem:
+    """Factorize a symmetric matrix (dense array or scipy.sparse) once for repeated solves."""
+    return SymmetricSystem(K)

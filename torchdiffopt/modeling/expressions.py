@@ -1,0 +1,410 @@
+"""Symbolic, numpy-like expressions of variables and parameters.
+
+Expressions are array-shaped trees built with ``+ - * / @ **``, indexing, ``.sum()``, ``.T``
+and the helpers :func:`dot`, :func:`sum_squares`. Nothing is evaluated while a model is
+built: :class:`Evaluator` turns a tree into its coefficient form
+(:class:`~torchdiffopt.modeling.canonical.Canon`) for given parameter tensors, so the problem
+data is a torch function of the parameters.
+
+The *degree* of an expression is known statically: 0 for data (constants and parameters,
+combined in any way torch can evaluate), 1 for affine, 2 for quadratic expressions.
+"""
+
+from __future__ import annotations
+
+import itertools
+import numbers
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from .canonical import Canon
+
+_ids = itertools.count()
+
+
+def _broadcast_source(shape: tuple, to: tuple) -> np.ndarray:
+    return np.broadcast_to(np.arange(int(np.prod(shape, dtype=np.int64))).reshape(shape), to).ravel()
+
+
+class Expression:
+    """An array-shaped expression. Subclasses define ``shape``, ``degree`` and ``_canon``."""
+
+    __array_ufunc__ = None  # numpy defers to our reflected operators (``A @ x``, ``3 * x``)
+    __hash__ = object.__hash__
+    shape: tuple = ()
+    degree: int = 0
+
+    # -- shape helpers ------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        if not self.shape:
+            raise TypeError("len() of a scalar expression")
+        return self.shape[0]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    # -- arithmetic ---------------------------------------------------------------------
+    def __add__(self, other):
+        return Sum2(self, as_expression(other))
+
+    def __radd__(self, other):
+        return Sum2(as_expression(other), self)
+
+    def __sub__(self, other):
+        return Sum2(self, -as_expression(other))
+
+    def __rsub__(self, other):
+        return Sum2(as_expression(other), -self)
+
+    def __neg__(self):
+        return Product(Constant(-1.0), self)
+
+    def __pos__(self):
+        return self
+
+    def __mul__(self, other):
+        return Product(self, as_expression(other))
+
+    def __rmul__(self, other):
+        return Product(as_expression(other), self)
+
+    def __truediv__(self, other):
+        other = as_expression(other)
+        if other.degree != 0:
+            raise TypeError("division by an expression of variables is not supported")
+        return Product(self, Power(other, -1))
+
+    def __rtruediv__(self, other):
+        return as_expression(other) / self
+
+    def __pow__(self, exponent):
+        if not isinstance(exponent, numbers.Real):
+            raise TypeError("exponents must be numbers")
+        return Power(self, exponent)
+
+    def __matmul__(self, other):
+        return MatMul(self, as_expression(other))
+
+    def __rmatmul__(self, other):
+        return MatMul(as_expression(other), self)
+
+    # -- array views --------------------------------------------------------------------
+    def __getitem__(self, key):
+        source = np.arange(self.size).reshape(self.shape)[key]
+        return Gather(self, np.asarray(source))
+
+    @property
+    def T(self):
+        return Gather(self, np.arange(self.size).reshape(self.shape).T)
+
+    def reshape(self, *shape):
+        shape = shape[0] if len(shape) == 1 and isinstance(shape[0], tuple) else shape
+        return Gather(self, np.arange(self.size).reshape(shape))
+
+    def sum(self, axis=None):
+        return Reduce(self, axis)
+
+    # -- relations (constraints) --------------------------------------------------------
+    def __le__(self, other):
+        return Relation(self - as_expression(other), "<=")
+
+    def __ge__(self, other):
+        return Relation(self - as_expression(other), ">=")
+
+    def __eq__(self, other):
+        return Relation(self - as_expression(other), "==")
+
+    # -- evaluation ---------------------------------------------------------------------
+    def _canon(self, ev: "Evaluator") -> Canon:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __bool__(self):
+        raise TypeError("an expression has no truth value; did you mean a constraint?")
+
+
+class Relation:
+    """``expression ∈ set`` with set ``{0}`` (==), ``[0, ∞)`` (>=) or ``(-∞, 0]`` (<=).
+
+    ``expression`` is the normalized function ``lhs - rhs`` of the functional API.
+    """
+
+    def __init__(self, expression: Expression, sense: str):
+        self.expression = expression
+        self.sense = sense
+
+    def __bool__(self):
+        raise TypeError("a constraint has no truth value; pass it to Model.constraint")
+
+
+# -- leaves -----------------------------------------------------------------------------------
+class Constant(Expression):
+    """A numeric array (numpy, scipy.sparse, or a number). Sparse matrices stay sparse."""
+
+    degree = 0
+
+    def __init__(self, value):
+        if sp.issparse(value):
+            self.sparse = sp.coo_matrix(value)
+            self.value = None
+            self.shape = self.sparse.shape
+        else:
+            self.sparse = None
+            self.value = np.asarray(value, dtype=np.float64)
+            if not np.all(np.isfinite(self.value)):
+                raise ValueError("constants in expressions must be finite (got NaN or inf)")
+            self.shape = self.value.shape
+
+    @property
+    def T(self):
+        if self.sparse is not None:
+            return Constant(self.sparse.T)
+        return Constant(self.value.T)
+
+    def _canon(self, ev):
+        dense = self.value if self.sparse is None else self.sparse.toarray()
+        return Canon.constant(torch.as_tensor(dense.reshape(-1), dtype=ev.dtype))
+
+
+class Variable(Expression):
+    """A block of decision variables, a slice ``offset : offset + size`` of the model's
+    variable vector. Created by :meth:`Model.variable`."""
+
+    degree = 1
+
+    def __init__(self, model, offset: int, shape: tuple, name: str):
+        self.model = model
+        self.offset = offset
+        self.shape = shape
+        self.name = name
+
+    def _canon(self, ev):
+        return Canon.variable(self.offset, self.size, ev.dtype)
+
+    def element_name(self, flat_index: int) -> str:
+        if not self.shape:
+            return self.name
+        idx = np.unravel_index(flat_index, self.shape)
+        return f"{self.name}[{','.join(str(i) for i in idx)}]"
+
+    def __repr__(self):
+        return f"Variable({self.name!r}, shape={self.shape})"
+
+
+class Parameter(Expression):
+    """A model parameter θ: data whose value can change between solves and with respect to
+    which solutions are differentiated. Created by :meth:`Model.parameter`."""
+
+    degree = 0
+
+    def __init__(self, model, value: np.ndarray, name: str):
+        self.model = model
+        self.value = value
+        self.shape = value.shape
+        self.name = name
+
+    def _canon(self, ev):
+        values = ev.parameter_values[self]
+        return Canon.constant(values.reshape(*values.shape[: values.dim() - self.ndim], self.size))
+
+    def __repr__(self):
+        return f"Parameter({self.name!r}, shape={self.shape})"
+
+
+# -- interior nodes ---------------------------------------------------------------------------
+class Sum2(Expression):
+    def __init__(self, a: Expression, b: Expression):
+        self.shape = np.broadcast_shapes(a.shape, b.shape)
+        self.a, self.b = a, b
+        self.degree = max(a.degree, b.degree)
+
+    def _canon(self, ev):
+        return ev.broadcast(self.a, self.shape) + ev.broadcast(self.b, self.shape)
+
+
+class Product(Expression):
+    """Entrywise product with numpy broadcasting."""
+
+    def __init__(self, a: Expression, b: Expression):
+        self.shape = np.broadcast_shapes(a.shape, b.shape)
+        self.a, self.b = a, b
+        self.degree = a.degree + b.degree
+
+    def _canon(self, ev):
+        return ev.broadcast(self.a, self.shape).multiply(ev.broadcast(self.b, self.shape))
+
+
+class Power(Expression):
+    """``base ** exponent``: any real exponent on data, exponents 0, 1, 2 on affine terms."""
+
+    def __init__(self, base: Expression, exponent: float):
+        self.shape = base.shape
+        self.base, self.exponent = base, exponent
+        if base.degree == 0:
+            self.degree = 0
+        elif exponent in (0, 1, 2):
+            self.degree = base.degree * int(exponent)
+        else:
+            raise ValueError(
+                f"x ** {exponent} of an expression of variables is not quadratic; only "
+                "exponents 0, 1 and 2 are (the nonlinear backend takes general powers)"
+            )
+
+    def _canon(self, ev):
+        base = ev.canon(self.base)
+        if self.base.degree == 0:
+            return Canon.constant(base.const ** self.exponent)
+        if self.exponent == 0:
+            return Canon.constant(torch.ones_like(base.const))
+        if self.exponent == 1:
+            return base
+        return base.multiply(base)
+
+
+class Gather(Expression):
+    """Entry ``o`` of the result is entry ``source.flat[o]`` of ``inner``."""
+
+    def __init__(self, inner: Expression, source: np.ndarray):
+        self.inner, self.source = inner, np.asarray(source, dtype=np.int64)
+        self.shape = self.source.shape
+        self.degree = inner.degree
+
+    def _canon(self, ev):
+        return ev.canon(self.inner).gather(self.source)
+
+
+class Reduce(Expression):
+    """Sum over one axis, or over all entries when ``axis`` is None."""
+
+    def __init__(self, inner: Expression, axis=None):
+        self.inner = inner
+        self.degree = inner.degree
+        if axis is None:
+            self.shape = ()
+            self.target = np.zeros(inner.size, dtype=np.int64)
+        else:
+            axis = axis % inner.ndim
+            self.shape = inner.shape[:axis] + inner.shape[axis + 1:]
+            out = np.arange(int(np.prod(self.shape, dtype=np.int64))).reshape(self.shape)
+            self.target = np.broadcast_to(np.expand_dims(out, axis), inner.shape).ravel()
+
+    def _canon(self, ev):
+        return ev.canon(self.inner).reduce(self.target, self.size)
+
+
+class MatMul(Expression):
+    """``a @ b`` with numpy's rules for 1-D and 2-D operands."""
+
+    def __init__(self, a: Expression, b: Expression):
+        if a.ndim not in (1, 2) or b.ndim not in (1, 2):
+            raise ValueError(f"@ needs 1-D or 2-D operands, got shapes {a.shape} and {b.shape}")
+        inner_a = a.shape[-1]
+        inner_b = b.shape[0]
+        if inner_a != inner_b:
+            raise ValueError(f"shape mismatch in @: {a.shape} @ {b.shape}")
+        self.a, self.b = a, b
+        self.shape = a.shape[:-1] + b.shape[1:]
+        self.degree = a.degree + b.degree
+        if self.degree > 2:
+            raise ValueError("product of degree > 2 in @")
+
+    def _canon(self, ev):
+        a, b = self.a, self.b
+        if a.degree == 0:
+            return _data_matmul(ev, a, b)
+        if b.degree == 0:
+            # a @ B = (Bᵀ @ aᵀ)ᵀ
+            bt = b.T if b.ndim == 2 else b
+            at = a.T if a.ndim == 2 else a
+            out = _data_matmul(ev, bt, at)
+            if a.ndim == 2 and b.ndim == 2:
+                out = out.gather(np.arange(out.size).reshape(self.shape[::-1]).T)
+            return out
+        # both contain variables: sum_r a[i, r] * b[r, j] by broadcasting
+        a2 = a if a.ndim == 2 else a.reshape(1, a.size)
+        b2 = b if b.ndim == 2 else b.reshape(b.size, 1)
+        m, k = a2.shape
+        n = b2.shape[1]
+        prod = Product(a2.reshape(m, k, 1), b2.reshape(1, k, n)).sum(axis=1)
+        return ev.canon(prod.reshape(self.shape))
+
+
+def _data_matmul(ev: "Evaluator", m: Expression, e: Expression) -> Canon:
+    """``M @ E`` with ``M`` free of variables; only stored entries of a sparse constant
+    ``M`` are visited, so a scipy.sparse matrix of 10⁴ × 10⁴ costs its nonzeros only."""
+    m2_shape = m.shape if m.ndim == 2 else (1, m.size)
+    n_cols = e.shape[1] if e.ndim == 2 else 1
+    if isinstance(m, Constant):
+        if m.sparse is not None:
+            coo = m.sparse
+            rows, cols, vals = coo.row, coo.col, coo.data
+        else:
+            dense = m.value.reshape(m2_shape)
+            rows, cols = np.nonzero(dense)
+            vals = dense[rows, cols]
+        m_vals = torch.as_tensor(vals, dtype=ev.dtype)
+    else:
+        rows, cols = np.divmod(np.arange(m.size, dtype=np.int64), m2_shape[1])
+        m_vals = ev.canon(m).const
+    return ev.canon(e).matmul_left(
+        rows.astype(np.int64), cols.astype(np.int64), m_vals, m2_shape[0], n_cols
+    )
+
+
+class Evaluator:
+    """Evaluates expression trees to coefficient form for given parameter tensors.
+
+    ``parameter_values`` maps each :class:`Parameter` to a tensor of its shape, optionally
+    with leading batch dimensions. Shared sub-trees are evaluated once.
+    """
+
+    def __init__(self, parameter_values: dict, dtype: torch.dtype = torch.float64):
+        self.parameter_values = parameter_values
+        self.dtype = dtype
+        self._memo: dict[int, Canon] = {}
+
+    def canon(self, expr: Expression) -> Canon:
+        key = id(expr)
+        if key not in self._memo:
+            self._memo[key] = (expr, expr._canon(self))
+        return self._memo[key][1]
+
+    def broadcast(self, expr: Expression, shape: tuple) -> Canon:
+        canon = self.canon(expr)
+        if expr.shape == shape:
+            return canon
+        return canon.gather(_broadcast_source(expr.shape, shape))
+
+
+# -- helpers and conversion -------------------------------------------------------------------
+def as_expression(value) -> Expression:
+    if isinstance(value, Expression):
+        return value
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    return Constant(value)
+
+
+def dot(a, b) -> Expression:
+    """``Σ_i a_i b_i`` of two vectors (expressions or arrays)."""
+    return (as_expression(a) * as_expression(b)).sum()
+
+
+def sum_squares(a) -> Expression:
+    """``Σ_i a_i²``."""
+    a = as_expression(a)
+    return (a * a).sum()
+
+
+def sum(a, axis=None) -> Expression:  # noqa: A001 - numpy-like name
+    """Sum of the entries (over ``axis`` if given)."""
+    return as_expression(a).sum(axis)
