@@ -109,7 +109,7 @@ class Sensitivity:
         problem = numeric_problem(data)
         try:
             check_convex(problem.P, maximize=form.objective_sign < 0)
-            solution = qp_solver(self.model.solver)(problem)
+            solution = qp_solver(self.model.solver, problem)(problem)
         except (SolverError, NonconvexError) as err:
             self.status = _STATUS_OF.get(type(err), "solver_error")
             raise

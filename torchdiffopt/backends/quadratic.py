@@ -190,11 +190,13 @@ class QuadraticKKT:
                 stacklevel=4,
             )
         elif weak_rows or weak_bounds:
+            where = [f"constraint rows {weak_rows}"] if weak_rows else []
+            where += [f"{weak_bounds} variable bound(s)"] if weak_bounds else []
             warnings.warn(
                 DegenerateSolutionWarning(
-                    f"weakly active constraints (binding with a zero dual) at rows {weak_rows}"
-                    f" and {weak_bounds} variable bounds: the solution map has a kink here; "
-                    "derivatives are one-sided (these constraints kept binding)"
+                    f"weakly active constraints (binding with a zero dual) at "
+                    f"{' and '.join(where)}: the solution map has a kink here; derivatives "
+                    "are one-sided (these constraints kept binding)"
                 ),
                 stacklevel=4,
             )

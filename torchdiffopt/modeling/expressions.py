@@ -36,6 +36,13 @@ class Expression:
     shape: tuple = ()
     degree: int = 0
 
+    def __array__(self, dtype=None, copy=None):
+        # A 0-d object array: scipy.sparse's ``A @ expr`` then returns NotImplemented and
+        # Python calls our ``__rmatmul__`` instead of iterating the expression entry by entry.
+        out = np.empty((), dtype=object)
+        out[()] = self
+        return out
+
     # -- shape helpers ------------------------------------------------------------------
     @property
     def size(self) -> int:
@@ -238,6 +245,9 @@ class Product(Expression):
         self.shape = np.broadcast_shapes(a.shape, b.shape)
         self.a, self.b = a, b
         self.degree = a.degree + b.degree
+        if self.degree > 2:
+            raise ValueError(
+                "product of degree > 2: expressions hold at most products of two affine ones")
 
     def _canon(self, ev):
         return ev.broadcast(self.a, self.shape).multiply(ev.broadcast(self.b, self.shape))

@@ -1,0 +1,113 @@
+"""Degenerate points warn and give finite minimum-norm (or one-sided) derivatives; large
+sparse problems differentiate through a sparse factorization."""
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import torchdiffopt as tdo
+
+
+def forward(m, param, var, direction=1.0):
+    m.empty_input_sensitivities()
+    m.set_forward_parameter(param, direction)
+    m.forward_differentiate()
+    return m.get_forward_variable(var)
+
+
+def test_degenerate_vertex_gives_the_unique_primal_derivative():
+    # three constraints active at a 2-D vertex: x ≥ a, y ≥ b, x + y ≥ a + b
+    m = tdo.Model()
+    x, y = m.variable(name="x"), m.variable(name="y")
+    a, b = m.parameter(1.0, name="a"), m.parameter(2.0, name="b")
+    m.constraint(x >= a)
+    m.constraint(y >= b)
+    m.constraint(x + y >= a + b)
+    m.minimize(x + 2 * y)
+    with pytest.warns(tdo.DegenerateSolutionWarning, match="singular"):
+        m.optimize()
+    # the multipliers are not unique, the primal move is: x = a, y = b
+    assert forward(m, a, x) == pytest.approx(1.0)
+    assert m.get_forward_variable(y) == pytest.approx(0.0, abs=1e-12)
+    assert np.isfinite(m.get_forward_objective())
+    assert m.get_forward_objective() == pytest.approx(1.0)  # f* = a + 2b
+    # reverse mode uses the same (symmetric) pseudo-inverse: adjoint identity holds
+    m.empty_input_sensitivities()
+    m.set_reverse_variable(x, 0.3)
+    m.set_reverse_variable(y, -1.1)
+    m.reverse_differentiate()
+    jv = 0.3 * forward(m, b, x) - 1.1 * m.get_forward_variable(y)
+    assert m.get_reverse_parameter(b) == pytest.approx(jv)
+
+
+def test_redundant_equalities():
+    m = tdo.Model()
+    x = m.variable(2, name="x")
+    b = m.parameter(1.0, name="b")
+    m.constraint(x.sum() == b)
+    m.constraint(2 * x.sum() == 2 * b)
+    m.minimize(tdo.sum_squares(x))
+    with pytest.warns(tdo.DegenerateSolutionWarning, match="singular"):
+        m.optimize()
+    np.testing.assert_allclose(m.value(x), [0.5, 0.5])
+    np.testing.assert_allclose(forward(m, b, x), [0.5, 0.5])
+
+
+def test_weakly_active_constraint_gives_one_sided_derivative():
+    # min (x - 1)²  s.t.  x ≤ p  at p = 1: binding with a zero multiplier
+    m = tdo.Model()
+    x = m.variable(name="x")
+    p = m.parameter(1.0, name="p")
+    m.constraint(x <= p)
+    m.minimize((x - 1) ** 2)
+    with pytest.warns(tdo.DegenerateSolutionWarning, match="weakly active"):
+        m.optimize()
+    # kept binding: the left derivative, x(p - h) = p - h
+    assert forward(m, p, x) == pytest.approx(1.0)
+
+
+def test_flat_lp_direction_is_reported():
+    m = tdo.Model()
+    x, y = m.variable(lb=0, ub=1, name="x"), m.variable(lb=0, ub=1, name="y")
+    c = m.parameter(1.0, name="c")
+    m.minimize(c * x)
+    # y is free in [0, 1]: the solver's vertex puts it on a bound with a zero multiplier
+    with pytest.warns(tdo.DegenerateSolutionWarning, match="weakly active.*variable bound"):
+        m.optimize()
+    d = forward(m, c, y)
+    assert np.isfinite(d)
+
+
+def test_sparse_qp_with_ten_thousand_variables():
+    """min ½ Σ d_i x_i² - cᵀx  s.t.  x_i - x_{i+1} ≤ h_i,  0 ≤ x ≤ 10 (chain, sparse KKT)."""
+    n = 10_000
+    rng = np.random.default_rng(0)
+    d = rng.uniform(1, 2, n)
+    D = sp.eye(n - 1, n, format="csr") - sp.eye(n - 1, n, k=1, format="csr")
+    m = tdo.Model()  # "auto" sends a QP this large to SCS, then the KKT polish
+    x = m.variable(n, lb=0.0, ub=10.0, name="x")
+    c = m.parameter(rng.uniform(-1, 5, n), name="c")
+    h = m.parameter(rng.uniform(0.0, 1.0, n - 1), name="h")
+    con = m.constraint(D @ x <= h)
+    m.minimize(0.5 * tdo.sum(d * x * x) - c @ x)
+    m.optimize()
+    kkt = m._sensitivity.solved().kkt
+    assert kkt._system._dense is False  # sparse LU, no dense n×n matrix
+    assert 0 < kkt.active.sum() < n - 1
+
+    # KKT residual of the polished point
+    xs = m.value(x)
+    lam = -np.asarray(m.dual(con))  # multipliers of D x <= h
+    grad = d * xs - c.value + D.T @ lam
+    free = (xs > 1e-9) & (xs < 10 - 1e-9)
+    assert np.abs(grad[free]).max() < 1e-9
+
+    v, w = rng.normal(size=n), rng.normal(size=n)
+    dx = forward(m, c, x, v)
+    m.empty_input_sensitivities()
+    m.set_reverse_variable(x, w)
+    m.reverse_differentiate()
+    assert w @ dx == pytest.approx(m.get_reverse_parameter(c) @ v, rel=1e-10)
+    # a coordinate with no active constraint around it moves by v_i / d_i
+    i = int(np.flatnonzero(free & ~np.r_[kkt.active, False] & ~np.r_[False, kkt.active])[0])
+    assert dx[i] == pytest.approx(v[i] / d[i], rel=1e-9)

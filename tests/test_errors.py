@@ -1,0 +1,164 @@
+"""Bad input gets a clear error naming the problem, never a silent zero or NaN."""
+
+import numpy as np
+import pytest
+
+import torchdiffopt as tdo
+
+
+def small_model():
+    m = tdo.Model()
+    x = m.variable(2, name="x")
+    p = m.parameter(np.array([1.0, 2.0]), name="p")
+    c = m.constraint(x >= p, name="c")
+    m.minimize(tdo.sum_squares(x))
+    return m, x, p, c
+
+
+def test_infeasible():
+    m = tdo.Model()
+    x = m.variable(name="x")
+    m.constraint(x >= 1)
+    m.constraint(x <= 0)
+    m.minimize(x)
+    with pytest.raises(tdo.InfeasibleError, match="infeasible"):
+        m.optimize()
+    assert m.status == "infeasible"
+    with pytest.raises(tdo.DifferentiationError, match="optimize"):
+        m.forward_differentiate()
+
+
+def test_unbounded():
+    m = tdo.Model()
+    x = m.variable(name="x")
+    m.constraint(x <= 3)
+    m.minimize(x)
+    with pytest.raises(tdo.UnboundedError, match="unbounded"):
+        m.optimize()
+    assert m.status == "unbounded"
+    with pytest.raises(tdo.DifferentiationError):
+        m.reverse_differentiate()
+
+
+@pytest.mark.parametrize("sense", ["min", "max"])
+def test_nonconvex_objective(sense):
+    m = tdo.Model()
+    x = m.variable(2, lb=-1, ub=1, name="x")
+    if sense == "min":
+        m.minimize(x[0] ** 2 - x[1] ** 2)
+    else:
+        m.maximize(x[0] ** 2)
+    with pytest.raises(tdo.NonconvexError, match="nonconvex objective"):
+        m.optimize()
+    assert m.status == "nonconvex"
+
+
+def test_nan_parameter():
+    m = tdo.Model()
+    with pytest.raises(ValueError, match="NaN"):
+        m.parameter(float("nan"), name="bad")
+    _, _, p, _ = small_model()
+    m, x, p, c = small_model()
+    with pytest.raises(ValueError, match="'p'.*NaN"):
+        m.set_parameter_value(p, [1.0, np.nan])
+    with pytest.raises(ValueError, match="NaN"):
+        m.set_forward_parameter(p, [np.inf, 0.0])
+
+
+def test_shape_mismatch():
+    m, x, p, c = small_model()
+    with pytest.raises(ValueError, match=r"shape \(2,\)"):
+        m.set_parameter_value(p, [1.0, 2.0, 3.0])
+    m.optimize()
+    with pytest.raises(ValueError, match="shape"):
+        m.set_forward_parameter(p, 1.0)
+    with pytest.raises(ValueError, match="shape"):
+        m.set_reverse_variable(x, np.ones(3))
+    with pytest.raises(ValueError, match="shape"):
+        m.set_reverse_constraint_dual(c, np.ones(5))
+    with pytest.raises(ValueError, match="mismatch"):
+        np.ones((3, 3)) @ x
+    with pytest.raises(ValueError):
+        x + np.ones(3)
+
+
+def test_differentiate_before_optimize():
+    m, x, p, c = small_model()
+    m.set_forward_parameter(p, [1.0, 0.0])
+    with pytest.raises(tdo.DifferentiationError, match="call optimize"):
+        m.forward_differentiate()
+    with pytest.raises(tdo.DifferentiationError, match="call optimize"):
+        m.reverse_differentiate()
+    with pytest.raises(tdo.DifferentiationError, match="call optimize"):
+        m.value(x)
+
+
+def test_read_before_differentiate():
+    m, x, p, c = small_model()
+    m.optimize()
+    with pytest.raises(tdo.DifferentiationError, match="forward_differentiate"):
+        m.get_forward_variable(x)
+    with pytest.raises(tdo.DifferentiationError, match="reverse_differentiate"):
+        m.get_reverse_parameter(p)
+    with pytest.raises(tdo.DifferentiationError, match="reverse_differentiate"):
+        m.get_reverse_constraint_function(c)
+
+
+def test_stale_solution_after_parameter_change():
+    m, x, p, c = small_model()
+    m.optimize()
+    m.set_forward_parameter(p, [1.0, 0.0])
+    m.forward_differentiate()
+    m.set_parameter_value(p, [2.0, 2.0])
+    with pytest.raises(tdo.DifferentiationError, match="call optimize"):
+        m.forward_differentiate()
+    with pytest.raises(tdo.DifferentiationError, match="forward_differentiate"):
+        m.get_forward_variable(x)
+    m.optimize()  # the seed persisted
+    m.forward_differentiate()
+    np.testing.assert_allclose(m.get_forward_variable(x), [1.0, 0.0])
+
+
+def test_quadratic_constraint_rejected_by_quadratic_backend():
+    m = tdo.Model()
+    x = m.variable(name="x")
+    m.constraint(x ** 2 <= 1)
+    m.minimize(x)
+    with pytest.raises(ValueError, match="quadratic backend takes linear constraints"):
+        m.optimize()
+
+
+def test_degree_above_two_rejected():
+    m = tdo.Model()
+    x = m.variable(name="x")
+    with pytest.raises(ValueError, match="degree > 2"):
+        m.minimize((x * x) * x)
+    with pytest.raises(ValueError, match="not quadratic"):
+        x ** 3
+
+
+def test_objects_of_another_model():
+    m1, x1, p1, c1 = small_model()
+    m2, x2, p2, c2 = small_model()
+    m2.optimize()
+    with pytest.raises(ValueError, match="another model"):
+        m2.set_forward_parameter(p1, [1.0, 0.0])
+    with pytest.raises(ValueError, match="another model"):
+        m2.dual(c1)
+
+
+def test_unknown_solver_and_backend():
+    m, x, p, c = small_model()
+    m.solver = "nosuchsolver"
+    with pytest.raises(ValueError, match="unknown solver"):
+        m.optimize()
+    with pytest.raises(ValueError, match="unknown backend"):
+        tdo.Model(backend="magic")
+
+
+def test_bound_errors():
+    m = tdo.Model()
+    with pytest.raises(ValueError, match="lower bound above"):
+        m.variable(2, lb=[0, 2], ub=1)
+    with pytest.raises(ValueError, match="NaN"):
+        m.variable(lb=float("nan"))
