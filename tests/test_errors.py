@@ -162,3 +162,20 @@ def test_bound_errors():
         m.variable(2, lb=[0, 2], ub=1)
     with pytest.raises(ValueError, match="NaN"):
         m.variable(lb=float("nan"))
+
+
+@pytest.mark.parametrize("solver", ["highs", "scs"])
+def test_infeasible_and_unbounded_qp_per_solver(solver):
+    m = tdo.Model(solver=solver)
+    x = m.variable(2, name="x")
+    m.constraint(x.sum() >= 3)
+    m.constraint(x <= 1)
+    m.minimize(tdo.sum_squares(x))
+    with pytest.raises(tdo.InfeasibleError):
+        m.optimize()
+    m2 = tdo.Model(solver=solver)
+    y = m2.variable(2, name="y")
+    m2.constraint(y[0] >= 0)
+    m2.minimize(y[0] ** 2 - y[1])
+    with pytest.raises(tdo.UnboundedError):
+        m2.optimize()

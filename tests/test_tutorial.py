@@ -157,3 +157,29 @@ def test_main_prints_the_sensitivity_table():
     assert rows["objective"] == pytest.approx([2.0, 3.0, -3.5])
     assert "-1.75 x - 2.5 y - 0.5" in out
     assert "Running HiGHS" not in out
+
+
+def test_parameter_and_functional_seeds_add():
+    model, x, y, p, q, cons, _ = parametric_model()
+    model.optimize()
+    model.set_forward_parameter(p, 1.0)
+    model.set_forward_constraint_function(cons, 1.0 * x)  # the tangent of a unit move of q
+    model.forward_differentiate()
+    assert model.get_forward_variable(x) == pytest.approx(-0.25)
+
+
+def test_forward_objective_function_matches_parameter_direction():
+    # min p x² - b x: a tangent x² of the objective is the direction dp = 1
+    m = tdo.Model()
+    x = m.variable(name="x")
+    p, b = m.parameter(2.0, name="p"), m.parameter(3.0, name="b")
+    m.minimize(p * x ** 2 - b * x)
+    m.optimize()
+    m.set_forward_objective_function(x ** 2)
+    m.forward_differentiate()
+    by_function = (m.get_forward_variable(x), m.get_forward_objective())
+    m.empty_input_sensitivities()
+    m.set_forward_parameter(p, 1.0)
+    m.forward_differentiate()
+    assert by_function == pytest.approx((m.get_forward_variable(x), m.get_forward_objective()))
+    assert by_function[0] == pytest.approx(-3.0 / 8.0)  # x = b/(2p)

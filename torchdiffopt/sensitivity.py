@@ -29,7 +29,7 @@ from .errors import (DifferentiationError, InfeasibleError, NonconvexError, Solv
                      UnboundedError)
 from .modeling.expressions import Evaluator, as_expression
 from .modeling.functions import CoefficientFunction
-from .solvers import NumericQP, qp_solver
+from .solvers import NumericQP, qp_solver, solve_highs, solve_scs
 
 
 _STATUS_OF = {InfeasibleError: "infeasible", UnboundedError: "unbounded",
@@ -56,6 +56,26 @@ def numeric_problem(data: QuadraticData) -> NumericQP:
         C=data.C_matrix(), c0=data.c0.detach().numpy().copy(), sense=data.sense,
         lb=data.lb, ub=data.ub,
     )
+
+
+#: largest relative KKT residual accepted from a solver
+KKT_TOLERANCE = 1e-6
+
+
+def _solve_certified(problem: NumericQP, solve) -> QuadraticKKT:
+    """Solve, then check the KKT conditions at the (polished) point. HiGHS's QP solver can
+    return "optimal" for a QP unbounded along a direction of zero curvature (its
+    regularization bounds it); when its answer fails the check, SCS, which detects
+    unboundedness, decides."""
+    kkt = QuadraticKKT(problem, solve(problem))
+    if kkt.kkt_residual > KKT_TOLERANCE and solve is solve_highs:
+        kkt = QuadraticKKT(problem, solve_scs(problem))
+    if kkt.kkt_residual > KKT_TOLERANCE:
+        raise SolverError(
+            f"the solver's point is not optimal (relative KKT residual {kkt.kkt_residual:.1e});"
+            " the problem may be unbounded or badly scaled"
+        )
+    return kkt
 
 
 def _data_jvp(form: QuadraticForm, theta: tuple, directions: tuple) -> tuple:
@@ -109,11 +129,11 @@ class Sensitivity:
         problem = numeric_problem(data)
         try:
             check_convex(problem.P, maximize=form.objective_sign < 0)
-            solution = qp_solver(self.model.solver, problem)(problem)
+            kkt = _solve_certified(problem, qp_solver(self.model.solver, problem))
         except (SolverError, NonconvexError) as err:
             self.status = _STATUS_OF.get(type(err), "solver_error")
             raise
-        kkt = QuadraticKKT(problem, solution)
+        kkt.warn_if_degenerate()
         x = kkt.x
         internal_obj = 0.5 * x @ (problem.P @ x) + problem.q @ x + problem.r
         sign = form.objective_sign

@@ -156,9 +156,27 @@ class QuadraticKKT:
         self.mu = mu_all[:m]
         self.active = active[:m]
         mu_scale = 1.0 + np.abs(mu_all).max(initial=0.0)
-        weak = active & (sense_all != 0) & (np.abs(mu_all) <= WEAK_RTOL * mu_scale)
-        self.weakly_active = np.flatnonzero(weak[:m])
-        self._warn(weak, nb)
+        self._weak = active & (sense_all != 0) & (np.abs(mu_all) <= WEAK_RTOL * mu_scale)
+        self.weakly_active = np.flatnonzero(self._weak[:m])
+        self.kkt_residual = self._residual(problem.q, C_all, c0_all, sense_all, row_scale)
+
+    def _residual(self, q, C_all, c0_all, sense_all, row_scale) -> float:
+        """Relative KKT residual of ``(x, μ)``: stationarity, primal and dual feasibility."""
+        x, mu = self.x, self._mu_all
+        Px, Cmu = self.P @ x, C_all.T @ mu
+        scale = 1.0 + max(np.abs(q).max(initial=0), np.abs(Px).max(initial=0),
+                          (abs(C_all).T @ np.abs(mu)).max(initial=0))
+        stationarity = np.abs(Px + q + Cmu).max(initial=0.0) / scale
+        violation = np.maximum(-sense_all * (C_all @ x + c0_all), 0.0)
+        violation[sense_all == 0] = np.abs(C_all @ x + c0_all)[sense_all == 0]
+        primal = (violation / row_scale).max(initial=0.0)
+        dual = np.maximum(sense_all * mu, 0.0).max(initial=0.0) / scale
+        return float(max(stationarity, primal, dual))
+
+    def warn_if_degenerate(self) -> None:
+        """Emit a :class:`DegenerateSolutionWarning` if ``K`` is singular or some
+        constraints are weakly active."""
+        self._warn(self._weak)
 
     def _polish(self, x, mu_all, C_all, c0_all, sense_all, q, row_scale):
         """One Newton step on F(x, μ_𝒜) = 0 from the solver's point; kept only if the new
@@ -176,7 +194,7 @@ class QuadraticKKT:
             return x_new, mu_new
         return x, mu_all
 
-    def _warn(self, weak: np.ndarray, n_bound_rows: int):
+    def _warn(self, weak: np.ndarray):
         weak_rows = [int(i) for i in np.flatnonzero(weak[: self.m])]
         weak_bounds = int(weak[self.m:].sum())
         if self.singular:
@@ -187,7 +205,7 @@ class QuadraticKKT:
                     "redundant constraints or a flat objective direction); derivatives are "
                     "minimum-norm least-squares derivatives"
                 ),
-                stacklevel=4,
+                stacklevel=5,
             )
         elif weak_rows or weak_bounds:
             where = [f"constraint rows {weak_rows}"] if weak_rows else []
@@ -198,7 +216,7 @@ class QuadraticKKT:
                     f"{' and '.join(where)}: the solution map has a kink here; derivatives "
                     "are one-sided (these constraints kept binding)"
                 ),
-                stacklevel=4,
+                stacklevel=5,
             )
 
     # -- forward mode ---------------------------------------------------------------------
