@@ -6,6 +6,8 @@ Build a model with parameters, solve it, and differentiate its solution map
 
 from .errors import (DegenerateSolutionWarning, DifferentiationError, InfeasibleError,
                      NonconvexError, SolverError, UnboundedError)
+from . import functional
+from .layer import Layer
 from .modeling import (CoefficientFunction, ConstraintRef, Expression, Model, Parameter,
                        Variable, dot, sum, sum_squares)
 
@@ -25,7 +27,7 @@ def quadratic_diff_model(solver: str | None = None) -> Model:
 
 __all__ = [
     "CoefficientFunction", "ConstraintRef", "DegenerateSolutionWarning", "DifferentiationError",
-    "Expression", "InfeasibleError", "Model", "NonconvexError", "Parameter", "SolverError",
-    "UnboundedError", "Variable", "diff_model", "dot", "quadratic_diff_model", "sum",
+    "Expression", "InfeasibleError", "Layer", "Model", "NonconvexError", "Parameter", "SolverError",
+    "UnboundedError", "Variable", "diff_model", "functional", "dot", "quadratic_diff_model", "sum",
     "sum_squares",
 ]

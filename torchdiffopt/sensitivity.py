@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 import torch
-import torch.autograd.forward_ad as fwAD
 
 from .backends.quadratic import DataTangent, QuadraticKKT, check_convex
 from .compile.quadratic import QuadraticData, QuadraticForm
@@ -76,16 +75,6 @@ def _solve_certified(problem: NumericQP, solve) -> QuadraticKKT:
             " the problem may be unbounded or badly scaled"
         )
     return kkt
-
-
-def _data_jvp(form: QuadraticForm, theta: tuple, directions: tuple) -> tuple:
-    """Tangents of the data values ``(∂D/∂θ) dθ`` by forward-mode AD (dual numbers)."""
-    with fwAD.dual_level():
-        duals = tuple(fwAD.make_dual(t, d) for t, d in zip(theta, directions))
-        values = form.data_values(*duals)
-        return tuple(
-            torch.zeros_like(v) if (t := fwAD.unpack_dual(v).tangent) is None else t.detach()
-            for v in values)
 
 
 class Sensitivity:
@@ -213,8 +202,8 @@ class Sensitivity:
             directions = tuple(
                 torch.as_tensor(self._param_seeds.get(p, np.zeros(p.shape)), dtype=torch.float64)
                 for p in form.parameters)
-            tP, tq, tr, tC, tc0 = (t.numpy() for t in _data_jvp(form, state.parameters,
-                                                                  directions))
+            tP, tq, tr, tC, tc0 = (t.numpy() for t in form.data_jvp(state.parameters,
+                                                                    directions))
             dP = dP + sp.csr_matrix((tP, (data.P_rows, data.P_cols)), shape=(n, n))
             dq, dr = dq + tq, dr + float(tr)
             dC = dC + sp.csr_matrix((tC, (data.C_rows, data.C_cols)), shape=(m, n))

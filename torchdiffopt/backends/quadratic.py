@@ -97,7 +97,7 @@ class DataCotangent:
         return self.v + self.f_bar * self.mu
 
 
-def _bound_rows(lb: np.ndarray, ub: np.ndarray):
+def bound_rows(lb: np.ndarray, ub: np.ndarray):
     """Rows ``x_j + c0 ∈ S`` for the finite bounds: (variable index, c0, sense)."""
     fixed = np.isfinite(lb) & (lb == ub)
     lower = np.isfinite(lb) & ~fixed
@@ -124,7 +124,7 @@ class QuadraticKKT:
         x = solution.x.copy()
 
         # all rows: user constraints, then the finite variable bounds
-        b_cols, b_c0, b_sense = _bound_rows(problem.lb, problem.ub)
+        b_cols, b_c0, b_sense = bound_rows(problem.lb, problem.ub)
         nb = len(b_cols)
         E = sp.csr_matrix((np.ones(nb), (np.arange(nb), b_cols)), shape=(nb, n))
         C_all = sp.vstack([sp.csr_matrix(problem.C), E]).tocsr()

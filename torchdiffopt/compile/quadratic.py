@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from ..modeling.canonical import cat_last, scatter_add_last
 from ..modeling.expressions import Evaluator
@@ -143,3 +144,13 @@ class QuadraticForm:
     def data_values(self, *parameter_tensors: torch.Tensor) -> tuple:
         """``data(θ).values()`` as a pure function of the parameter tensors (for torch.func)."""
         return self.data(dict(zip(self.parameters, parameter_tensors))).values()
+
+    def data_jvp(self, theta: tuple, directions: tuple) -> tuple:
+        """Tangents ``(∂D/∂θ) dθ`` of :meth:`data_values` by forward-mode AD (dual numbers);
+        zeros for values that do not depend on θ."""
+        with fwAD.dual_level():
+            duals = tuple(fwAD.make_dual(t, d) for t, d in zip(theta, directions))
+            values = self.data_values(*duals)
+            tangents = [fwAD.unpack_dual(v).tangent for v in values]
+            return tuple((torch.zeros_like(v) if t is None else t).detach()
+                         for v, t in zip(values, tangents))

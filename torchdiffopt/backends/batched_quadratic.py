@@ -1,0 +1,150 @@
+"""Quadratic backend, batched and dense, in torch (CPU or CUDA).
+
+The same mathematics as :mod:`torchdiffopt.backends.quadratic` (read its docstring for the
+internal problem, the sign conventions and the forward / reverse formulas), for a batch of
+``B`` problems sharing their sizes but not their active sets. To give every member the same
+matrix size, *all* rows (constraints and finite variable bounds) enter ``K``; an inactive
+row ``i`` is decoupled by zeroing its coupling and putting 1 on its diagonal, which pins
+``dμ_i = 0``::
+
+    K_b = [[P_b,            C_bᵀ diag(a_b)],
+           [diag(a_b) C_b,  diag(1 - a_b)]]          a_b ∈ {0, 1}ᴹ: the active mask
+
+``K_b`` is symmetric, so one batched LU (torch ``lu_factor_ex``) per solve serves forward
+mode, reverse mode, ``layer.jacobian`` and every direction. All operations on tangents and
+cotangents are plain torch ops, so ``torch.func`` transforms (vmap, jacfwd, jacrev) of them
+work.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..linalg.factorization import DenseFactorization
+from .quadratic import ACTIVE_RTOL, WEAK_RTOL, bound_rows
+
+
+class BatchedQuadraticKKT:
+    """Factorized KKT systems of a batch of QPs at their solutions.
+
+    Inputs (float64, on one device): ``P (B, n, n)``, ``q (B, n)``, ``C (B, m, n)``,
+    ``c0 (B, m)``, the row senses ``sense (m,)`` and bounds ``lb, ub (n,)`` (numpy), the
+    solver's points ``x (B, n)`` and multipliers ``mu (B, m + n_bound_rows)``, optionally
+    an active mask from the solver, and ``valid (B,)``: members whose solve succeeded.
+
+    Attributes after construction: ``x`` (polished), ``mu`` (multipliers of the constraint
+    rows), ``active`` (B, m), ``singular`` (B,), ``weak`` (B,) and ``kkt_residual`` (B,).
+    """
+
+    def __init__(self, P, q, C, c0, sense, lb, ub, x, mu_all, valid, active_hint=None):
+        B, n = q.shape
+        m = c0.shape[1]
+        dev, dt = q.device, q.dtype
+        b_cols, b_c0, b_sense = bound_rows(lb, ub)
+        nb = len(b_cols)
+        E = torch.zeros(nb, n, dtype=dt, device=dev)
+        E[torch.arange(nb), torch.as_tensor(b_cols, dtype=torch.long)] = 1.0
+        C_all = torch.cat((C, E.expand(B, nb, n)), dim=1)
+        c0_all = torch.cat((c0, torch.as_tensor(b_c0, dtype=dt, device=dev).expand(B, nb)), 1)
+        sense_all = torch.as_tensor(np.concatenate((sense, b_sense)), dtype=dt, device=dev)
+        valid_f = valid.to(dt).reshape(B, 1)
+        # failed members get harmless placeholder data (identity K, zero point)
+        x = torch.where(valid.reshape(B, 1), x, torch.zeros_like(x))
+        mu_all = torch.where(valid.reshape(B, 1), mu_all, torch.zeros_like(mu_all))
+
+        residual = (C_all @ x.unsqueeze(-1)).squeeze(-1) + c0_all
+        row_scale = 1.0 + c0_all.abs() + C_all.abs().amax(-1) * (
+            1.0 + x.abs().amax(-1, keepdim=True))
+        binding = residual.abs() <= ACTIVE_RTOL * row_scale
+        if active_hint is not None:
+            binding = binding | active_hint
+        active = ((sense_all == 0) | binding) & valid.reshape(B, 1)
+        a = active.to(dt)
+        mu_all = mu_all * a
+
+        M = C_all.shape[1]
+        K = torch.zeros(B, n + M, n + M, dtype=dt, device=dev)
+        K[:, :n, :n] = torch.where(valid.reshape(B, 1, 1), P, torch.eye(n, dtype=dt, device=dev))
+        K[:, n:, :n] = a.unsqueeze(-1) * C_all
+        K[:, :n, n:] = (a.unsqueeze(-1) * C_all).transpose(1, 2)
+        K[:, n:, n:] = torch.diag_embed(1.0 - a)
+        self._lu = DenseFactorization(K)
+        self.singular = self._lu.singular & valid
+
+        # Newton polish from the solver's point, kept per member where it is acceptable
+        rhs = torch.cat((-q * valid_f, -c0_all * a), dim=1).unsqueeze(-1)
+        z = self._lu.solve(rhs).squeeze(-1)
+        x_new, mu_new = z[:, :n], z[:, n:]
+        res_new = (C_all @ x_new.unsqueeze(-1)).squeeze(-1) + c0_all
+        feasible = (sense_all * res_new >= -ACTIVE_RTOL * row_scale).all(-1)
+        mu_tol = 1e-7 * (1.0 + mu_new.abs().amax(-1, keepdim=True))
+        dual_ok = (sense_all * mu_new <= mu_tol).all(-1)
+        close = (x_new - x).abs().amax(-1) <= 1e-4 * (1.0 + x.abs().amax(-1))
+        accept = feasible & dual_ok & close & torch.isfinite(z).all(-1) & ~self.singular & valid
+        x = torch.where(accept.reshape(B, 1), x_new, x)
+        mu_all = torch.where(accept.reshape(B, 1), mu_new, mu_all)
+
+        self.n, self.m, self.M = n, m, M
+        self.valid = valid
+        self.x = x
+        self.mu_all = mu_all
+        self.mu = mu_all[:, :m]
+        self.a = a
+        self.active = active[:, :m]
+        mu_scale = 1.0 + mu_all.abs().amax(-1, keepdim=True)
+        self.weak = (active & (sense_all != 0) & (mu_all.abs() <= WEAK_RTOL * mu_scale)).any(-1)
+
+        # relative KKT residual: stationarity, primal and dual feasibility
+        Px = (P @ x.unsqueeze(-1)).squeeze(-1)
+        Cmu = (C_all.transpose(1, 2) @ mu_all.unsqueeze(-1)).squeeze(-1)
+        scale = 1.0 + torch.stack((q.abs().amax(-1), Px.abs().amax(-1),
+                                   (C_all.abs().transpose(1, 2) @ mu_all.abs().unsqueeze(-1))
+                                   .squeeze(-1).amax(-1))).amax(0)
+        res = (C_all @ x.unsqueeze(-1)).squeeze(-1) + c0_all
+        violation = torch.where(sense_all == 0, res.abs(), torch.relu(-sense_all * res))
+        self.kkt_residual = torch.stack((
+            (Px + q + Cmu).abs().amax(-1) / scale,
+            (violation / row_scale).amax(-1),
+            torch.relu(sense_all * mu_all).amax(-1) / scale,
+        )).amax(0) * valid_f.squeeze(-1)
+
+    # -- forward mode ---------------------------------------------------------------------
+    def jvp(self, dP, dq, dr, dC, dc0):
+        """Tangents ``(dx (B, D, n), dμ (B, D, m), df (B, D))`` for data tangents with a
+        direction dimension: ``dP (B, D, n, n)``, ``dq (B, D, n)``, ``dr (B, D)``,
+        ``dC (B, D, m, n)``, ``dc0 (B, D, m)``."""
+        n, m = self.n, self.m
+        x, mu = self.x, self.mu
+        a_c = self.a[:, :m].unsqueeze(1)
+        dCx = torch.einsum("bdij,bj->bdi", dC, x) + dc0
+        rhs_x = torch.einsum("bdij,bj->bdi", dP, x) + dq + torch.einsum("bdij,bi->bdj", dC, mu)
+        rhs_c = a_c * dCx
+        pad = rhs_x.new_zeros(*rhs_x.shape[:2], self.M - m)
+        rhs = torch.cat((rhs_x, rhs_c, pad), dim=-1)
+        z = self._lu.solve(-rhs.transpose(1, 2)).transpose(1, 2)
+        df = (0.5 * torch.einsum("bi,bdij,bj->bd", x, dP, x) + torch.einsum("bdi,bi->bd", dq, x)
+              + dr + torch.einsum("bi,bdi->bd", mu, dCx))
+        keep = self.valid.to(x.dtype)
+        return (z[..., :n] * keep[:, None, None], z[..., n:n + m] * keep[:, None, None],
+                df * keep[:, None])
+
+    # -- reverse mode ---------------------------------------------------------------------
+    def vjp(self, x_bar, mu_bar, f_bar):
+        """Data cotangents ``(P̄, q̄, r̄, C̄, c̄0)`` for seeds ``x̄ (B, n)``, ``μ̄ (B, m)`` and
+        ``f̄ (B,)``; zero for failed members."""
+        n, m = self.n, self.m
+        x, mu = self.x, self.mu
+        keep = self.valid.to(x.dtype)
+        pad = x_bar.new_zeros(x_bar.shape[0], self.M - m)
+        rhs = torch.cat((x_bar, self.a[:, :m] * mu_bar, pad), dim=-1)
+        w = self._lu.solve(-rhs.unsqueeze(-1)).squeeze(-1)
+        u, v = w[:, :n], w[:, n:n + m]
+        f_bar = f_bar * keep
+        u, v = u * keep[:, None], v * keep[:, None]
+        fx = f_bar[:, None] * x
+        P_bar = torch.einsum("bi,bj->bij", u + 0.5 * fx, x)
+        q_bar = u + fx
+        C_bar = torch.einsum("bi,bj->bij", mu, u + fx) + torch.einsum("bi,bj->bij", v, x)
+        c0_bar = v + f_bar[:, None] * mu
+        return P_bar, q_bar, f_bar, C_bar, c0_bar

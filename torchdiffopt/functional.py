@@ -1,0 +1,82 @@
+"""Functions of raw (batched) problem data: no model, the same solvers and backends.
+
+``qp(P, q, A, b, G, h)`` is a drop-in for qpth's ``QPFunction()(Q, p, G, h, A, b)`` — note
+the argument order, which follows the problem's statement below — that also accepts LPs
+(``P`` zero or positive semidefinite), returns multipliers on request, and sums (not
+averages) the gradients of inputs broadcast over the batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .layer import QPSolve, QPStructure, SolveCall, failure_error
+
+_F64 = torch.float64
+
+
+def qp(P, q, A=None, b=None, G=None, h=None, *, lb=None, ub=None, solver=None,
+       n_jobs=None, on_failure="raise", return_duals=False):
+    """Solve and differentiate ``min ½ xᵀPx + qᵀx  s.t.  A x = b,  G x ≤ h  (, lb ≤ x ≤ ub)``.
+
+    Each tensor may carry one leading batch dimension (``P (B, n, n)`` or ``(n, n)``, …);
+    unbatched ones broadcast. ``A, b`` or ``G, h`` may be None. ``lb``, ``ub`` are constant
+    arrays (not differentiated). Returns ``x (B, n)`` and, with ``return_duals=True``,
+    ``(x, ν, λ)``: the Lagrange multipliers of ``A x = b`` and of ``G x ≤ h`` with the KKT
+    stationarity ``P x + q + Aᵀν + Gᵀλ = 0`` and ``λ ≥ 0`` (OptNet's convention; the shadow
+    prices are ``∂f*/∂b = -ν`` and ``∂f*/∂h = -λ``).
+    """
+    n = q.shape[-1]
+    dtype, device = q.dtype, q.device
+    empty = torch.zeros(0, n, dtype=dtype, device=device)
+    A = empty if A is None else A
+    b = torch.zeros(0, dtype=dtype, device=device) if b is None else b
+    G = empty if G is None else G
+    h = torch.zeros(0, dtype=dtype, device=device) if h is None else h
+    batched = {"P": P.dim() == 3, "q": q.dim() == 2, "A": A.dim() == 3, "b": b.dim() == 2,
+               "G": G.dim() == 3, "h": h.dim() == 2}
+    sizes = {name: t.shape[0] for name, t in zip("P q A b G h".split(), (P, q, A, b, G, h))
+             if batched[name]}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"batch size mismatch among the inputs: {sizes}")
+    for name, t in zip("P q A b G h".split(), (P, q, A, b, G, h)):
+        if not torch._C._functorch.is_functorch_wrapped_tensor(t) and \
+                not torch.isfinite(t.detach()).all():
+            raise ValueError(f"input {name!r} contains NaN or inf")
+    B = next(iter(sizes.values()), 1)
+    n_eq, n_in = A.shape[-2], G.shape[-2]
+    if P.shape[-2:] != (n, n) or A.shape[-1] != n or G.shape[-1] != n \
+            or b.shape[-1] != n_eq or h.shape[-1] != n_in:
+        raise ValueError(f"inconsistent shapes: P {tuple(P.shape)}, q {tuple(q.shape)}, "
+                         f"A {tuple(A.shape)}, b {tuple(b.shape)}, G {tuple(G.shape)}, "
+                         f"h {tuple(h.shape)}")
+    m = n_eq + n_in
+    rows, cols = np.divmod(np.arange(n * n), n)
+    c_rows, c_cols = np.divmod(np.arange(m * n), n)
+    structure = QPStructure(
+        n, m, rows, cols, c_rows, c_cols,
+        np.r_[np.zeros(n_eq), -np.ones(n_in)].astype(np.int8),
+        np.full(n, -np.inf) if lb is None else np.broadcast_to(np.asarray(lb, float), n),
+        np.full(n, np.inf) if ub is None else np.broadcast_to(np.asarray(ub, float), n),
+        solver, n_jobs)
+
+    def batch(t, k):
+        t = t.to(_F64).flatten(-k) if k else t.to(_F64)
+        return t.expand(B, *t.shape[-1:]) if t.dim() == 1 else t
+
+    C = torch.cat((A.to(_F64).expand(B, n_eq, n) if A.dim() == 2 else A.to(_F64),
+                   G.to(_F64).expand(B, n_in, n) if G.dim() == 2 else G.to(_F64)), dim=1)
+    c0 = -torch.cat((batch(b, 0), batch(h, 0)), dim=1)
+    call = SolveCall(structure)
+    x, mu, _ = QPSolve.apply(call, batch(P, 2), batch(q, 0), q.new_zeros(B, dtype=_F64),
+                             C.flatten(-2), c0)
+    if call.errors and on_failure == "raise":
+        raise failure_error(call.status, call.errors)
+    squeeze = not any(batched.values())
+    out = [x, mu[:, :n_eq], mu[:, n_eq:]] if return_duals else [x]
+    out = [(o.squeeze(0) if squeeze else o).to(dtype) for o in out]
+    return tuple(out) if return_duals else out[0]
+
+
+__all__ = ["qp"]
