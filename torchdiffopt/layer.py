@@ -52,16 +52,19 @@ class QPStructure:
         self._C_flat = torch.as_tensor(self.C_rows * n + self.C_cols, dtype=torch.long)
 
     def dense_P(self, vals: torch.Tensor) -> torch.Tensor:
-        """``(..., nnz) → (..., n, n)``, adding repeated entries."""
+        """``(..., nnz) → (..., n, n)``, adding repeated entries and taking the symmetric
+        part (only ``½(P + Pᵀ)`` enters ``½ xᵀPx``)."""
         out = vals.new_zeros(*vals.shape[:-1], self.n * self.n)
-        return out.index_add(-1, self._P_flat.to(vals.device), vals).unflatten(-1, (self.n, self.n))
+        P = out.index_add(-1, self._P_flat.to(vals.device), vals).unflatten(-1, (self.n, self.n))
+        return 0.5 * (P + P.transpose(-1, -2))
 
     def dense_C(self, vals: torch.Tensor) -> torch.Tensor:
         out = vals.new_zeros(*vals.shape[:-1], self.m * self.n)
         return out.index_add(-1, self._C_flat.to(vals.device), vals).unflatten(-1, (self.m, self.n))
 
     def P_entries(self, dense: torch.Tensor) -> torch.Tensor:
-        """Cotangent of the stored entries from a dense ``(..., n, n)`` cotangent."""
+        """Cotangent of the stored entries from a symmetric dense ``(..., n, n)`` cotangent
+        (the adjoint of :meth:`dense_P`)."""
         return dense.flatten(-2)[..., self._P_flat.to(dense.device)]
 
     def C_entries(self, dense: torch.Tensor) -> torch.Tensor:

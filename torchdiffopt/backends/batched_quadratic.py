@@ -143,7 +143,8 @@ class BatchedQuadraticKKT:
         f_bar = f_bar * keep
         u, v = u * keep[:, None], v * keep[:, None]
         fx = f_bar[:, None] * x
-        P_bar = torch.einsum("bi,bj->bij", u + 0.5 * fx, x)
+        P_bar = 0.5 * (torch.einsum("bi,bj->bij", u, x) + torch.einsum("bi,bj->bij", x, u)
+                       + torch.einsum("bi,bj->bij", fx, x))
         q_bar = u + fx
         C_bar = torch.einsum("bi,bj->bij", mu, u + fx) + torch.einsum("bi,bj->bij", v, x)
         c0_bar = v + f_bar[:, None] * mu

@@ -22,9 +22,9 @@ Forward mode (a tangent of the data)::
     df* = ½ xᵀ dP x + dqᵀ x + dr + μᵀ (dC x + dc0)          (envelope theorem)
 
 Reverse mode (seeds ``x̄, μ̄, f̄`` on the outputs): solve ``K [u; v] = -[x̄; μ̄_𝒜]`` (``Kᵀ = K``)
-and read the data cotangents
+and read the data cotangents (``P̄`` symmetric: only the symmetric part of ``P`` matters)
 
-    P̄ = u xᵀ + ½ f̄ x xᵀ,   q̄ = u + f̄ x,   r̄ = f̄,
+    P̄ = ½(u xᵀ + x uᵀ) + ½ f̄ x xᵀ,   q̄ = u + f̄ x,   r̄ = f̄,
     C̄ = μ uᵀ + v xᵀ + f̄ μ xᵀ,   c̄0 = v + f̄ μ         (v = 0 off 𝒜).
 
 Both modes use the one factorization of ``K`` made when the object is built; the same
@@ -78,7 +78,8 @@ class DataCotangent:
     f_bar: float
 
     def P_at(self, rows, cols) -> np.ndarray:
-        return self.u[rows] * self.x[cols] + 0.5 * self.f_bar * self.x[rows] * self.x[cols]
+        u, x = self.u, self.x
+        return 0.5 * (u[rows] * x[cols] + x[rows] * u[cols] + self.f_bar * x[rows] * x[cols])
 
     @property
     def q(self) -> np.ndarray:

@@ -1,0 +1,91 @@
+"""tdo.functional.qp: raw batched data, against qpth and closed forms."""
+
+import numpy as np
+import pytest
+import torch
+
+import torchdiffopt as tdo
+
+F64 = torch.float64
+
+
+def optnet_qp(B, n, m, seed):
+    """qpth's generator: Q = LLᵀ + 1e-3·I, G ~ N(0, 1), h = G z₀ + s₀ (strictly feasible)."""
+    g = torch.Generator().manual_seed(seed)
+    L = torch.randn(B, n, n, generator=g, dtype=F64)
+    Q = L @ L.transpose(1, 2) + 1e-3 * torch.eye(n, dtype=F64)
+    p = torch.randn(B, n, generator=g, dtype=F64)
+    G = torch.randn(B, m, n, generator=g, dtype=F64)
+    z0 = torch.randn(B, n, generator=g, dtype=F64)
+    s0 = torch.rand(B, m, generator=g, dtype=F64)
+    h = (G @ z0.unsqueeze(-1)).squeeze(-1) + s0
+    return Q, p, G, h
+
+
+def test_matches_qpth_values_and_gradients_per_element():
+    from qpth.qp import QPFunction
+
+    Q, p, G, h = (t.requires_grad_() for t in optnet_qp(4, 6, 8, seed=0))
+    x = tdo.functional.qp(Q, p, G=G, h=h)
+    w = torch.randn_like(x)
+    ours = torch.autograd.grad((w * x).sum(), (Q, p, G, h))
+
+    Q2, p2, G2, h2 = (t.detach().clone().requires_grad_() for t in (Q, p, G, h))
+    e = torch.empty(0, dtype=F64)
+    x_qpth = QPFunction(verbose=-1, eps=1e-12, maxIter=50)(Q2, p2, G2, h2, e, e)
+    theirs = torch.autograd.grad((w * x_qpth).sum(), (Q2, p2, G2, h2))
+    torch.testing.assert_close(x, x_qpth, atol=1e-6, rtol=1e-6)
+    for a, b in zip(ours, theirs):
+        # qpth's gradient is itself accurate to ~1e-6 (interior point, not polished)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_lp_and_duals_and_closed_form():
+    # min -x0 - x1  s.t.  x0 + x1 = b,  x0 <= h0, x1 <= h1 (h0 + h1 > b): a 1-D face → use
+    # costs (-2, -1): x0 = h0, x1 = b - h0
+    b = torch.tensor([3.0], dtype=F64, requires_grad=True)
+    h = torch.tensor([2.0, 5.0], dtype=F64, requires_grad=True)
+    q = torch.tensor([-2.0, -1.0], dtype=F64, requires_grad=True)
+    P = torch.zeros(2, 2, dtype=F64)
+    A = torch.ones(1, 2, dtype=F64)
+    G = torch.eye(2, dtype=F64)
+    x, nu, lam = tdo.functional.qp(P, q, A, b, G, h, return_duals=True)
+    torch.testing.assert_close(x, torch.tensor([2.0, 1.0], dtype=F64))
+    # stationarity q + Aᵀν + Gᵀλ = 0 with λ ≥ 0: ν = 1, λ = (1, 0)
+    torch.testing.assert_close(nu, torch.tensor([1.0], dtype=F64))
+    torch.testing.assert_close(lam, torch.tensor([1.0, 0.0], dtype=F64))
+    f = (q * x).sum()
+    g_b, g_h = torch.autograd.grad(f, (b, h))
+    # shadow prices: ∂f*/∂b = -ν, ∂f*/∂h = -λ
+    torch.testing.assert_close(g_b, -nu.detach())
+    torch.testing.assert_close(g_h, -lam.detach())
+
+
+def test_broadcast_inputs_sum_gradients():
+    Q, p, G, h = optnet_qp(3, 4, 5, seed=1)
+    G1 = G[0].clone().requires_grad_()
+    x = tdo.functional.qp(Q, p, G=G1, h=h)
+    (g_batch,) = torch.autograd.grad(x.sum(), G1)
+    total = torch.zeros_like(G1)
+    for b in range(3):
+        Gb = G[0].clone().requires_grad_()
+        xb = tdo.functional.qp(Q[b], p[b], G=Gb, h=h[b])
+        total += torch.autograd.grad(xb.sum(), Gb)[0]
+    torch.testing.assert_close(g_batch, total)
+
+
+def test_bad_inputs():
+    Q, p, G, h = optnet_qp(2, 3, 4, seed=2)
+    with pytest.raises(ValueError, match="batch size mismatch"):
+        tdo.functional.qp(Q, p[:1].expand(3, -1), G=G, h=h)
+    with pytest.raises(ValueError, match="'h' contains NaN"):
+        tdo.functional.qp(Q, p, G=G, h=torch.full_like(h, float("nan")))
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        tdo.functional.qp(Q, p, G=G, h=h[:, :2])
+    G_inf = torch.cat((G, -G), dim=1)
+    h_inf = torch.cat((h, torch.full_like(h, 100.0)), dim=1)
+    h_inf[1] = -10.0  # member 1: G x <= -10 and -G x <= -10, infeasible
+    with pytest.raises(tdo.SolverError, match=r"batch members \[1\]"):
+        tdo.functional.qp(Q, p, G=G_inf, h=h_inf)
+    x = tdo.functional.qp(Q, p, G=G_inf, h=h_inf, on_failure="nan")
+    assert torch.isnan(x[1]).all() and torch.isfinite(x[0]).all()
