@@ -195,3 +195,30 @@ def test_full_gradcheck_on_the_tutorial_model():
     (g_p, g_q) = torch.autograd.grad(xs.sum(), (P, Q))
     torch.testing.assert_close(g_p, 3 / Q)
     torch.testing.assert_close(g_q, -(3 * P - 5) / Q ** 2)
+
+
+def test_vmap_over_batched_calls():
+    prob, layer, inputs = layer_problem("qp", seed=7, batch=2)
+    stacked = [torch.stack((t.detach(), t.detach() + 1e-4)) for t in inputs]  # (V=2, B=2, ...)
+    out = torch.func.vmap(lambda *a: layer(*a)[0])(*stacked)
+    for v in range(2):
+        torch.testing.assert_close(out[v], layer(*[s[v] for s in stacked])[0])
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("solver", ["highs", "qpth"])
+def test_cuda_inputs_give_cuda_outputs_and_gradients(solver):
+    prob, layer_cpu, inputs = layer_problem("qp", seed=8, batch=4)
+    _, layer, _ = layer_problem("qp", seed=8, batch=4, solver=solver)
+    gpu = [t.detach().cuda().float().requires_grad_() for t in inputs]
+    outs = layer(*gpu)
+    assert all(o.device.type == "cuda" and o.dtype == torch.float32 for o in outs)
+    sum(o.sum() for o in outs).backward()
+    cpu = [t.detach().requires_grad_() for t in inputs]
+    ref = layer_cpu(*cpu)
+    sum(o.sum() for o in ref).backward()
+    for a, b in zip(gpu, cpu):
+        torch.testing.assert_close(a.grad.cpu().double(), b.grad, atol=1e-3, rtol=1e-3)
