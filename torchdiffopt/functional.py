@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .layer import QPSolve, QPStructure, SolveCall, failure_error
+from .qp_function import QPSolve, QPStructure, SolveCall, failure_error
 
 _F64 = torch.float64
 

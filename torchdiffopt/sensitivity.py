@@ -22,13 +22,14 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .backends.quadratic import DataTangent, QuadraticKKT, check_convex
+from .backends.quadratic import DataTangent, QuadraticKKT
 from .compile.quadratic import QuadraticData, QuadraticForm
 from .errors import (DifferentiationError, InfeasibleError, NonconvexError, SolverError,
                      UnboundedError)
 from .modeling.expressions import Evaluator, as_expression
 from .modeling.functions import CoefficientFunction
-from .solvers import NumericQP, qp_solver, solve_highs, solve_scs
+from .qp_function import solve_and_certify
+from .solvers import NumericQP
 
 
 _STATUS_OF = {InfeasibleError: "infeasible", UnboundedError: "unbounded",
@@ -55,26 +56,6 @@ def numeric_problem(data: QuadraticData) -> NumericQP:
         C=data.C_matrix(), c0=data.c0.detach().numpy().copy(), sense=data.sense,
         lb=data.lb, ub=data.ub,
     )
-
-
-#: largest relative KKT residual accepted from a solver
-KKT_TOLERANCE = 1e-6
-
-
-def _solve_certified(problem: NumericQP, solve) -> QuadraticKKT:
-    """Solve, then check the KKT conditions at the (polished) point. HiGHS's QP solver can
-    return "optimal" for a QP unbounded along a direction of zero curvature (its
-    regularization bounds it); when its answer fails the check, SCS, which detects
-    unboundedness, decides."""
-    kkt = QuadraticKKT(problem, solve(problem))
-    if kkt.kkt_residual > KKT_TOLERANCE and solve is solve_highs:
-        kkt = QuadraticKKT(problem, solve_scs(problem))
-    if kkt.kkt_residual > KKT_TOLERANCE:
-        raise SolverError(
-            f"the solver's point is not optimal (relative KKT residual {kkt.kkt_residual:.1e});"
-            " the problem may be unbounded or badly scaled"
-        )
-    return kkt
 
 
 class Sensitivity:
@@ -117,8 +98,7 @@ class Sensitivity:
         data = form.data(values)
         problem = numeric_problem(data)
         try:
-            check_convex(problem.P, maximize=form.objective_sign < 0)
-            kkt = _solve_certified(problem, qp_solver(self.model.solver, problem))
+            kkt = solve_and_certify(problem, self.model.solver, form.objective_sign < 0)
         except (SolverError, NonconvexError) as err:
             self.status = _STATUS_OF.get(type(err), "solver_error")
             raise

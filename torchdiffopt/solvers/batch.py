@@ -12,22 +12,22 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from ..errors import InfeasibleError, NonconvexError, SolverError, UnboundedError
-from .solution import NumericQP, Solution
+from .solution import NumericQP
 
 STATUS_OF = {InfeasibleError: "infeasible", UnboundedError: "unbounded",
              NonconvexError: "nonconvex"}
 
 
 def status_of(outcome) -> str:
-    """``"optimal"`` for a solution, else a short name of the failure."""
-    if isinstance(outcome, Solution):
+    """``"optimal"`` for a result, else a short name of the failure."""
+    if not isinstance(outcome, Exception):
         return "optimal"
     return STATUS_OF.get(type(outcome), "solver_error")
 
 
 def solve_each(problems: list, solve, n_jobs: int | None = None) -> list:
     """Solve every problem with ``solve``, ``n_jobs`` at a time (HiGHS and SCS release the
-    GIL while they run). Returns a Solution or an exception per problem."""
+    GIL while they run). Returns ``solve``'s result or the exception it raised, per problem."""
 
     def one(problem: NumericQP):
         try:

@@ -1,0 +1,394 @@
+"""The differentiable map from QP data to its solution, for a batch: ``QPSolve``.
+
+``QPSolve.apply(call, P_vals, q, r, C_vals, c0) → (x*, μ*, f*)`` takes the internal QP data
+of :mod:`torchdiffopt.compile.quadratic` (the stored entries of ``P`` and ``C`` as value
+tensors with a leading batch dimension ``B``), solves every member, factorizes the KKT systems
+once, and differentiates the solution with respect to the data only: ``backward`` is the
+vector-Jacobian product, ``jvp`` the Jacobian-vector product, ``vmap`` folds a vmapped
+dimension into the batch. The :class:`~torchdiffopt.Layer` and
+:func:`torchdiffopt.functional.qp` are thin clients.
+
+Two KKT representations share one interface (``jvp`` / ``vjp`` on the stored entries):
+
+* :class:`DenseBatchKKT` — batched dense torch (CPU or CUDA), for systems of order up to
+  :data:`~torchdiffopt.linalg.factorization.DENSE_MAX_ORDER`; all ``torch.func`` transforms.
+* :class:`MemberwiseKKT` — one sparse scipy factorization per member (CPU), for larger
+  systems; ``backward`` and forward-mode AD, but not ``torch.func`` transforms (its
+  solves run in numpy).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from .backends.batched_quadratic import BatchedQuadraticKKT
+from .backends.quadratic import DataTangent, QuadraticKKT, bound_rows, check_convex
+from .errors import DegenerateSolutionWarning, NonconvexError, SolverError
+from .linalg.factorization import DENSE_MAX_ORDER
+from .solvers import NumericQP, qp_solver, solve_highs, solve_scs
+from .solvers.batch import solve_each, solve_qpth, status_of
+
+#: largest relative KKT residual accepted from a solver
+KKT_TOLERANCE = 1e-6
+_F64 = torch.float64
+
+
+class QPStructure:
+    """The fixed structure of a batch of internal QPs (see
+    :mod:`torchdiffopt.compile.quadratic`): sizes, sparsity patterns, row senses, bounds,
+    and how to solve them (``solver``, ``n_jobs``)."""
+
+    def __init__(self, n, m, P_rows, P_cols, C_rows, C_cols, sense, lb, ub,
+                 solver=None, n_jobs=None):
+        self.n, self.m = n, m
+        self.P_rows, self.P_cols = np.asarray(P_rows), np.asarray(P_cols)
+        self.C_rows, self.C_cols = np.asarray(C_rows), np.asarray(C_cols)
+        self.sense, self.lb, self.ub = sense, lb, ub
+        self.solver, self.n_jobs = solver, n_jobs
+        self._P_flat = torch.as_tensor(self.P_rows * n + self.P_cols, dtype=torch.long)
+        self._C_flat = torch.as_tensor(self.C_rows * n + self.C_cols, dtype=torch.long)
+
+    def dense_P(self, vals: torch.Tensor) -> torch.Tensor:
+        """``(..., nnz) → (..., n, n)``, adding repeated entries and taking the symmetric
+        part (only ``½(P + Pᵀ)`` enters ``½ xᵀPx``)."""
+        out = vals.new_zeros(*vals.shape[:-1], self.n * self.n)
+        P = out.index_add(-1, self._P_flat.to(vals.device), vals).unflatten(-1, (self.n, self.n))
+        return 0.5 * (P + P.transpose(-1, -2))
+
+    def dense_C(self, vals: torch.Tensor) -> torch.Tensor:
+        out = vals.new_zeros(*vals.shape[:-1], self.m * self.n)
+        return out.index_add(-1, self._C_flat.to(vals.device), vals).unflatten(-1, (self.m, self.n))
+
+    def P_entries(self, dense: torch.Tensor) -> torch.Tensor:
+        """Cotangent of the stored entries from a symmetric dense ``(..., n, n)`` cotangent
+        (the adjoint of :meth:`dense_P`)."""
+        return dense.flatten(-2)[..., self._P_flat.to(dense.device)]
+
+    def C_entries(self, dense: torch.Tensor) -> torch.Tensor:
+        return dense.flatten(-2)[..., self._C_flat.to(dense.device)]
+
+    def numeric(self, P_vals, q, r, C_vals, c0) -> NumericQP:
+        """One member's data for a CPU solver."""
+        n, m = self.n, self.m
+        return NumericQP(
+            P=sp.csr_matrix((P_vals, (self.P_rows, self.P_cols)), shape=(n, n)), q=q,
+            r=float(r), C=sp.csr_matrix((C_vals, (self.C_rows, self.C_cols)), shape=(m, n)),
+            c0=c0, sense=self.sense, lb=self.lb, ub=self.ub)
+
+
+class SolveCall:
+    """One call of :class:`QPSolve`: its structure, and the side channel through which
+    ``forward`` hands the factorized KKT system and per-member statuses on."""
+
+    def __init__(self, structure: QPStructure):
+        self.structure = structure
+        self.kkt: BatchedQuadraticKKT | None = None
+        self.status: list[str] = []
+        self.errors: dict[int, Exception] = {}
+
+
+def solve_and_certify(problem: NumericQP, solver, maximize: bool = False) -> QuadraticKKT:
+    """Solve one QP, polish and certify its point by the KKT residual. HiGHS's QP solver can
+    call a QP that is unbounded along a direction of zero curvature "optimal" (its
+    regularization bounds it); when its answer fails the check, SCS, which detects
+    unboundedness, decides. Raises a named error for a nonconvex or unsolved problem."""
+    check_convex(problem.P, maximize)
+    solve = qp_solver(solver, problem)
+    kkt = QuadraticKKT(problem, solve(problem))
+    if kkt.kkt_residual > KKT_TOLERANCE and solve is solve_highs:
+        kkt = QuadraticKKT(problem, solve_scs(problem))
+    if kkt.kkt_residual > KKT_TOLERANCE:
+        raise SolverError(
+            f"the solver's point is not optimal (relative KKT residual {kkt.kkt_residual:.1e});"
+            " the problem may be unbounded or badly scaled")
+    return kkt
+
+
+class DenseBatchKKT:
+    """The batched dense backend seen through the stored entries of ``P`` and ``C``:
+    tangents and cotangents are value arrays of the structure's sparsity patterns."""
+
+    def __init__(self, structure: QPStructure, kkt: BatchedQuadraticKKT):
+        self.structure, self.kkt = structure, kkt
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self.kkt.valid
+
+    def jvp(self, dP_vals, dq, dr, dC_vals, dc0):
+        """Tangents with a direction dimension ``D`` after the batch: ``(B, D, ...)``."""
+        st = self.structure
+        return self.kkt.jvp(st.dense_P(dP_vals), dq, dr, st.dense_C(dC_vals), dc0)
+
+    def vjp(self, x_bar, mu_bar, f_bar):
+        st = self.structure
+        P_bar, q_bar, r_bar, C_bar, c0_bar = self.kkt.vjp(x_bar, mu_bar, f_bar)
+        return st.P_entries(P_bar), q_bar, r_bar, st.C_entries(C_bar), c0_bar
+
+
+class MemberwiseKKT:
+    """One sparse factorized KKT system (:class:`QuadraticKKT`) per member, for systems too
+    large to hold densely; the same interface as :class:`DenseBatchKKT`."""
+
+    def __init__(self, structure: QPStructure, members: list, device):
+        self.structure, self.members = structure, members
+        self.valid = torch.tensor([k is not None for k in members], device=device)
+
+    @staticmethod
+    def _check_plain(*tensors):
+        if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+            raise NotImplementedError(
+                "torch.func transforms need the dense KKT path (systems of order up to "
+                f"{DENSE_MAX_ORDER}); this problem is solved member by member with sparse "
+                "factorizations: use backward() / forward-mode AD, or layer.jacobian")
+
+    def jvp(self, dP_vals, dq, dr, dC_vals, dc0):
+        self._check_plain(dP_vals, dq, dr, dC_vals, dc0)
+        st = self.structure
+        B, D = dq.shape[:2]
+        P, q, r, C, c0 = (t.detach().cpu().numpy() for t in (dP_vals, dq, dr, dC_vals, dc0))
+        dx, dmu, df = np.zeros((B, D, st.n)), np.zeros((B, D, st.m)), np.zeros((B, D))
+        for b, kkt in enumerate(self.members):
+            for d in range(D if kkt is not None else 0):
+                dP = sp.csr_matrix((P[b, d], (st.P_rows, st.P_cols)), shape=(st.n, st.n))
+                dC = sp.csr_matrix((C[b, d], (st.C_rows, st.C_cols)), shape=(st.m, st.n))
+                tangent = DataTangent(0.5 * (dP + dP.T), q[b, d], float(r[b, d]), dC, c0[b, d])
+                dx[b, d], dmu[b, d], df[b, d] = kkt.jvp(tangent)
+        return tuple(torch.as_tensor(a, dtype=_F64, device=dq.device) for a in (dx, dmu, df))
+
+    def vjp(self, x_bar, mu_bar, f_bar):
+        self._check_plain(x_bar, mu_bar, f_bar)
+        st = self.structure
+        B = x_bar.shape[0]
+        xb, mb, fb = (t.detach().cpu().numpy() for t in (x_bar, mu_bar, f_bar))
+        out = [np.zeros((B, len(st.P_rows))), np.zeros((B, st.n)), np.zeros(B),
+               np.zeros((B, len(st.C_rows))), np.zeros((B, st.m))]
+        for b, kkt in enumerate(self.members):
+            if kkt is None:
+                continue
+            cot = kkt.vjp(xb[b], mb[b], float(fb[b]))
+            values = (cot.P_at(st.P_rows, st.P_cols), cot.q, cot.r,
+                      cot.C_at(st.C_rows, st.C_cols), cot.c0)
+            for slot, value in zip(out, values):
+                slot[b] = value
+        return tuple(torch.as_tensor(a, dtype=_F64, device=x_bar.device) for a in out)
+
+
+def _warn_degenerate(members: list) -> None:
+    if members:
+        warnings.warn(DegenerateSolutionWarning(
+            f"batch members {members}: singular KKT system or weakly active constraints; "
+            "their derivatives are minimum-norm least-squares or one-sided derivatives"),
+            stacklevel=7)
+
+
+def _solve_batch(call: SolveCall, P_vals, q, r, C_vals, c0):
+    """Solve every member, factorize and certify; returns ``(x, μ, f)`` with NaN rows for
+    failed members and leaves the KKT representation and statuses on ``call``."""
+    st = call.structure
+    n_rows = st.n + st.m + len(bound_rows(st.lb, st.ub)[0])
+    if n_rows > DENSE_MAX_ORDER and q.device.type == "cpu" and st.solver != "qpth":
+        return _solve_memberwise(call, P_vals, q, r, C_vals, c0)
+    return _solve_dense(call, P_vals, q, r, C_vals, c0)
+
+
+def _solve_memberwise(call: SolveCall, P_vals, q, r, C_vals, c0):
+    st = call.structure
+    B = q.shape[0]
+    arrays = [t.detach().cpu().numpy() for t in (P_vals, q, r, C_vals, c0)]
+    status, errors = ["optimal"] * B, {}
+    finite = [all(np.isfinite(a[b]).all() for a in arrays) for b in range(B)]
+    for b in (b for b in range(B) if not finite[b]):
+        status[b], errors[b] = "invalid_data", ValueError("the problem data contain NaN or inf")
+    members = [b for b in range(B) if finite[b]]
+    problems = [st.numeric(*(a[b] for a in arrays)) for b in members]
+    outcomes = solve_each(problems, lambda p: solve_and_certify(p, st.solver), st.n_jobs)
+    kkts = [None] * B
+    for b, out in zip(members, outcomes):
+        status[b] = status_of(out)
+        if isinstance(out, Exception):
+            errors[b] = out
+        else:
+            kkts[b] = out
+    call.kkt = MemberwiseKKT(st, kkts, q.device)
+    call.status, call.errors = status, errors
+    _warn_degenerate([b for b, k in enumerate(kkts)
+                      if k is not None and (k.singular or len(k.weakly_active))])
+    x = np.full((B, st.n), np.nan)
+    mu = np.full((B, st.m), np.nan)
+    f = np.full(B, np.nan)
+    for b, kkt in enumerate(kkts):
+        if kkt is not None:
+            p = problems[members.index(b)]
+            x[b], mu[b] = kkt.x, kkt.mu
+            f[b] = 0.5 * kkt.x @ (p.P @ kkt.x) + p.q @ kkt.x + p.r
+    return tuple(torch.as_tensor(a, dtype=_F64, device=q.device) for a in (x, mu, f))
+
+
+def _solve_dense(call: SolveCall, P_vals, q, r, C_vals, c0):
+    st = call.structure
+    B, n = q.shape
+    P, C = st.dense_P(P_vals), st.dense_C(C_vals)
+    status = ["optimal"] * B
+    errors: dict[int, Exception] = {}
+
+    finite = torch.stack([t.reshape(B, -1).isfinite().all(-1)
+                          for t in (P_vals, q, r.reshape(B, 1), C_vals, c0)]).all(0)
+    eig = torch.linalg.eigvalsh(torch.where(finite.reshape(B, 1, 1), P, torch.zeros_like(P)))
+    scale = eig.abs().amax(-1).clamp_min(1.0)
+    convex = eig.amin(-1) >= -1e-9 * scale
+    for b in torch.nonzero(~finite).flatten().tolist():
+        status[b] = "invalid_data"
+        errors[b] = ValueError("the problem data contain NaN or inf")
+    for b in torch.nonzero(finite & ~convex).flatten().tolist():
+        status[b] = "nonconvex"
+        errors[b] = NonconvexError("nonconvex objective: the quadratic form is indefinite")
+
+    b_cols, _, _ = bound_rows(st.lb, st.ub)
+    valid = finite & convex
+    solver = st.solver
+    hint = None
+    if solver == "qpth":
+        strict = eig.amin(-1) > 1e-10 * scale
+        for b in torch.nonzero(valid & ~strict).flatten().tolist():
+            status[b] = "nonconvex"
+            errors[b] = NonconvexError("qpth needs a strictly convex objective (P ≻ 0)")
+        valid = valid & strict
+        eye = torch.eye(n, dtype=q.dtype, device=q.device)
+        x, mu_all, hint = _qpth(st, torch.where(valid.reshape(B, 1, 1), P, eye),
+                                torch.where(valid.reshape(B, 1), q, 0.0), C, c0)
+    else:
+        x, mu_all, valid = _cpu_solve(st, solver, P_vals, q, r, C_vals, c0, valid, b_cols,
+                                      status, errors, range(B))
+    kkt = BatchedQuadraticKKT(P, q, C, c0, st.sense, st.lb, st.ub, x, mu_all, valid, hint)
+
+    bad = valid & (kkt.kkt_residual > KKT_TOLERANCE)
+    if bad.any() and solver in (None, "auto", "highs"):
+        # HiGHS's QP solver can call a QP unbounded along a flat direction "optimal"; SCS,
+        # which detects unboundedness, decides those members
+        retry = torch.nonzero(bad).flatten().tolist()
+        x2, mu2, valid2 = _cpu_solve(st, "scs", P_vals, q, r, C_vals, c0, valid, b_cols,
+                                     status, errors, retry)
+        x = torch.where(bad.reshape(B, 1), x2, x)
+        mu_all = torch.where(bad.reshape(B, 1), mu2, mu_all)
+        valid = valid & (valid2 | ~bad)
+        kkt = BatchedQuadraticKKT(P, q, C, c0, st.sense, st.lb, st.ub, x, mu_all, valid, hint)
+        bad = valid & (kkt.kkt_residual > KKT_TOLERANCE)
+    for b in torch.nonzero(bad).flatten().tolist():
+        status[b] = "not_optimal"
+        errors[b] = SolverError(
+            f"the solver's point is not optimal (relative KKT residual "
+            f"{float(kkt.kkt_residual[b]):.1e}): infeasible, unbounded or badly scaled")
+    kkt.valid = valid & ~bad
+
+    _warn_degenerate(torch.nonzero(kkt.valid & (kkt.singular | kkt.weak)).flatten().tolist())
+    call.kkt, call.status, call.errors = DenseBatchKKT(st, kkt), status, errors
+    keep = kkt.valid.reshape(B, 1)
+    x_out = torch.where(keep, kkt.x, torch.nan)
+    mu_out = torch.where(keep, kkt.mu, torch.nan)
+    f = (0.5 * torch.einsum("bi,bij,bj->b", kkt.x, P, kkt.x)
+         + (q * kkt.x).sum(-1) + r)
+    return x_out, mu_out, torch.where(kkt.valid, f, torch.nan)
+
+
+def _cpu_solve(st, solver, P_vals, q, r, C_vals, c0, valid, b_cols, status, errors, members):
+    """Solve ``members`` with a per-instance CPU solver, in a thread pool."""
+    B, n = q.shape
+    dev = q.device
+    arrays = [t.detach().cpu().numpy() for t in (P_vals, q, r, C_vals, c0)]
+    members = [b for b in members if bool(valid[b])]
+    problems = [st.numeric(*(a[b] for a in arrays)) for b in members]
+    chosen = {"scs": solve_scs, "highs": solve_highs}.get(solver)
+    outcomes = solve_each(problems, chosen or (lambda p: qp_solver(solver, p)(p)), st.n_jobs)
+    x = np.zeros((B, n))
+    mu = np.zeros((B, st.m + len(b_cols)))
+    ok = np.zeros(B, dtype=bool)
+    for b, out in zip(members, outcomes):
+        status[b] = status_of(out)
+        if status[b] == "optimal":
+            x[b] = out.x
+            mu[b] = np.concatenate((-out.row_shadow, -out.bound_shadow[b_cols]))
+            ok[b] = True
+            errors.pop(b, None)
+        else:
+            errors[b] = out
+    as_t = lambda a: torch.as_tensor(a, dtype=_F64, device=dev)  # noqa: E731
+    return as_t(x), as_t(mu), torch.as_tensor(ok, device=dev)
+
+
+def _qpth(st, P, q, C, c0):
+    B, n = q.shape
+    b_cols, b_c0, b_sense = bound_rows(st.lb, st.ub)
+    E = torch.zeros(len(b_cols), n, dtype=q.dtype, device=q.device)
+    E[torch.arange(len(b_cols)), torch.as_tensor(b_cols, dtype=torch.long)] = 1.0
+    C_all = torch.cat((C, E.expand(B, -1, -1)), 1)
+    c0_all = torch.cat((c0, torch.as_tensor(b_c0, dtype=q.dtype, device=q.device)
+                        .expand(B, -1)), 1)
+    sense_all = torch.as_tensor(np.concatenate((st.sense, b_sense)), device=q.device)
+    return solve_qpth(P, q, C_all, c0_all, sense_all)
+
+
+class QPSolve(torch.autograd.Function):
+    """``(P_vals, q, r, C_vals, c0) ↦ (x*, μ*, f*)`` for a batch (leading dimension ``B``)
+    of internal QPs, in float64. ``backward`` is the vector-Jacobian product, ``jvp`` the
+    Jacobian-vector product, ``vmap`` folds a vmapped dimension into the batch."""
+
+    @staticmethod
+    def forward(call, P_vals, q, r, C_vals, c0):
+        with torch.no_grad():
+            return _solve_batch(call, P_vals, q, r, C_vals, c0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        call = inputs[0]
+        ctx.kkt, ctx.structure, ctx.like = call.kkt, call.structure, inputs[2]
+        ctx.set_materialize_grads(True)
+
+    @staticmethod
+    def backward(ctx, x_bar, mu_bar, f_bar):
+        keep = ctx.kkt.valid
+        x_bar = torch.where(keep.reshape(-1, 1), x_bar, 0.0)
+        mu_bar = torch.where(keep.reshape(-1, 1), mu_bar, 0.0)
+        f_bar = torch.where(keep, f_bar, 0.0)
+        return (None, *ctx.kkt.vjp(x_bar, mu_bar, f_bar))
+
+    @staticmethod
+    def jvp(ctx, _call_tangent, dP_vals, dq, dr, dC_vals, dc0):
+        st, like = ctx.structure, ctx.like
+        B = like.shape[0]
+        zeros = lambda *shape: like.new_zeros(B, *shape)  # noqa: E731
+        tangents = (zeros(len(st.P_rows)) if dP_vals is None else dP_vals,
+                    zeros(st.n) if dq is None else dq,
+                    zeros() if dr is None else dr,
+                    zeros(len(st.C_rows)) if dC_vals is None else dC_vals,
+                    zeros(st.m) if dc0 is None else dc0)
+        dx, dmu, df = ctx.kkt.jvp(*(t.unsqueeze(1) for t in tangents))
+        return dx.squeeze(1), dmu.squeeze(1), df.squeeze(1)
+
+    @staticmethod
+    def vmap(info, in_dims, call, *tensors):
+        dims = in_dims[1:]
+        if all(d is None for d in dims):
+            return QPSolve.apply(call, *tensors), (None, None, None)
+        V = info.batch_size
+        merged = []
+        for t, d in zip(tensors, dims):
+            t = t.unsqueeze(0).expand(V, *t.shape) if d is None else t.movedim(d, 0)
+            merged.append(t.reshape(V * t.shape[1], *t.shape[2:]))
+        outs = QPSolve.apply(call, *merged)
+        return tuple(o.reshape(V, -1, *o.shape[1:]) for o in outs), (0, 0, 0)
+
+
+def failure_error(status: list, errors: dict) -> Exception:
+    failed = sorted(errors)
+    causes = "; ".join(f"[{b}] {status[b]}: {errors[b]}" for b in failed[:5])
+    more = f" (and {len(failed) - 5} more)" if len(failed) > 5 else ""
+    kinds = {type(errors[b]) for b in failed}
+    cls = kinds.pop() if len(kinds) == 1 else SolverError
+    if not issubclass(cls, (SolverError, ValueError)):
+        cls = SolverError
+    return cls(f"optimization failed for batch members {failed}: {causes}{more}")
