@@ -24,7 +24,7 @@ def build(n: int, A: sp.csr_matrix) -> float:
     c = m.parameter(np.ones(n), name="c")
     m.constraint(A @ x <= b)
     m.minimize(c @ x + 0.5 * tdo.sum_squares(x))
-    m._sensitivity.form().data(m._sensitivity.parameter_tensors())
+    m._sensitivity.pipeline().form.data(m._sensitivity.parameter_tensors())
     return time.perf_counter() - start
 
 

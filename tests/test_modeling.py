@@ -168,7 +168,7 @@ def test_large_model_builds_from_arrays():
     c = m.parameter(np.ones(n), name="c")
     con = m.constraint(A @ x <= b)
     m.minimize(c @ x + 0.5 * tdo.sum_squares(x))
-    form = m._sensitivity.form()
+    form = m._sensitivity.pipeline().form
     data = form.data(m._sensitivity.parameter_tensors())
     elapsed = time.perf_counter() - start
     assert data.C_vals.shape[0] == A.nnz and data.m == n and data.P_vals.shape[0] == 2 * n

@@ -18,16 +18,18 @@ from __future__ import annotations
 
 import torch
 
-from .compile.quadratic import QuadraticForm
 from .modeling.expressions import Parameter, Variable
 from .modeling.model import ConstraintRef, Model, ObjectiveRef
+from .nlp_function import NLPCall, NLPSolve
+from .pipelines import NonlinearPipeline, QuadraticPipeline, pipeline_for
 from .qp_function import QPSolve, QPStructure, SolveCall, failure_error
 
 _F64 = torch.float64
 
 
 class Layer(torch.nn.Module):
-    """An LP / convex QP as a differentiable function of some of its parameters.
+    """An optimization problem (LP, convex QP, or smooth NLP) as a differentiable function of
+    some of its parameters.
 
     Args:
         model: the :class:`~torchdiffopt.Model` (its structure is compiled once, here).
@@ -37,8 +39,11 @@ class Layer(torch.nn.Module):
             convention) and ``model.objective`` (optimal value). One output returns a tensor,
             several a tuple.
         solver: ``"highs"``, ``"scs"``, ``"qpth"`` (batched, CPU or CUDA, strictly convex QPs)
-            or ``None``/``"auto"``.
-        backend: ``"quadratic"`` (KKT).
+            or ``None``/``"auto"`` for the quadratic backend; the nonlinear backend uses SLSQP.
+        backend: ``"quadratic"``, ``"nonlinear"`` or ``None`` (the model's: ``"auto"`` picks by
+            the problem class). The nonlinear backend solves members one after the other and
+            supports ``backward``, forward-mode AD, ``vmap`` and :meth:`jacobian`; the other
+            ``torch.func`` transforms need the quadratic backend.
         n_jobs: threads for per-instance CPU solvers (default: the CPU count).
         on_failure: ``"raise"`` (a named error listing the failed batch members) or ``"nan"``
             (failed members give NaN outputs and zero gradients; the rest of the batch goes on).
@@ -48,17 +53,18 @@ class Layer(torch.nn.Module):
     ``"solver_error"``).
     """
 
-    def __init__(self, model: Model, parameters, outputs, solver=None, backend="quadratic",
+    def __init__(self, model: Model, parameters, outputs, solver=None, backend=None,
                  n_jobs=None, on_failure="raise"):
         super().__init__()
-        if backend != "quadratic":
-            raise ValueError(f"unknown backend {backend!r}; available: 'quadratic'")
+        if backend not in (None, "auto", "quadratic", "nonlinear"):
+            raise ValueError(f"unknown backend {backend!r}; available: 'quadratic', "
+                             "'nonlinear', 'auto'")
         if on_failure not in ("raise", "nan"):
             raise ValueError("on_failure must be 'raise' or 'nan'")
         solver = model.solver if solver is None else solver
-        if solver not in (None, "auto", "highs", "scs", "qpth"):
+        if solver not in (None, "auto", "highs", "scs", "qpth", "slsqp"):
             raise ValueError(f"unknown solver {solver!r}; available: 'highs', 'scs', 'qpth', "
-                             "'auto'")
+                             "'slsqp', 'auto'")
         self.model = model
         self.parameters_in = list(parameters)
         for p in self.parameters_in:
@@ -69,12 +75,19 @@ class Layer(torch.nn.Module):
             if not isinstance(o, (Variable, ConstraintRef, ObjectiveRef)) or o.model is not model:
                 raise ValueError(f"{o!r} is not a variable, constraint or objective of this model")
         self._single = not isinstance(outputs, (list, tuple))
-        self.form = QuadraticForm(model)
-        probe = self.form.data({p: torch.as_tensor(p.value, dtype=_F64)
-                                for p in self.form.parameters})
-        self.structure = QPStructure(
-            self.form.n, self.form.m, probe.P_rows, probe.P_cols, probe.C_rows, probe.C_cols,
-            self.form.sense, self.form.lb, self.form.ub, solver, n_jobs)
+        if backend in (None, "auto"):
+            pipeline = pipeline_for(model)
+        else:
+            pipeline = (NonlinearPipeline if backend == "nonlinear" else QuadraticPipeline)(model)
+        self.nonlinear = isinstance(pipeline, NonlinearPipeline)
+        self.pipeline = pipeline
+        self.form = pipeline.form
+        if not self.nonlinear:
+            probe = self.form.data({p: torch.as_tensor(p.value, dtype=_F64)
+                                    for p in self.form.parameters})
+            self.structure = QPStructure(
+                self.form.n, self.form.m, probe.P_rows, probe.P_cols, probe.C_rows,
+                probe.C_cols, self.form.sense, self.form.lb, self.form.ub, solver, n_jobs)
         self.on_failure = on_failure
         self.last_status: list[str] | None = None
 
@@ -131,9 +144,17 @@ class Layer(torch.nn.Module):
         out[2] = out[2].reshape(B)
         return [t.to(device) for t in out]
 
-    def _solve(self, values, B, device):
-        call = SolveCall(self.structure)
-        x, mu, f = QPSolve.apply(call, *self._batched(values, B, device))
+    def _solve(self, theta, B, device):
+        """Solve the batch: ``(call, x, μ, f)`` (internal sign conventions)."""
+        if self.nonlinear:
+            call = NLPCall(self.pipeline)
+            members = [t if t.dim() > p.ndim else t.unsqueeze(0).expand(B, *p.shape)
+                       for p, t in zip(self.form.parameters, theta)]
+            x, mu, f = NLPSolve.apply(call, *members)
+        else:
+            call = SolveCall(self.structure)
+            x, mu, f = QPSolve.apply(call, *self._batched(self.form.data_values(*theta), B,
+                                                          device))
         self.last_status = call.status
         if call.errors and self.on_failure == "raise":
             raise failure_error(call.status, call.errors)
@@ -144,7 +165,7 @@ class Layer(torch.nn.Module):
         like = params[0] if params else torch.zeros(())
         dtype = like.dtype if like.is_floating_point() else torch.get_default_dtype()
         theta = self._theta(params, like.device)
-        _, x, mu, f = self._solve(self.form.data_values(*theta), batch or 1, like.device)
+        _, x, mu, f = self._solve(theta, batch or 1, like.device)
         outs = [self._output(o, x, mu, f) for o in self.outputs_spec]
         if batch is None:
             outs = [o.squeeze(0) for o in outs]
@@ -181,11 +202,14 @@ class Layer(torch.nn.Module):
                 tangent[k].view(*tangent[k].shape[: tangent[k].dim() - p.ndim], p.size)[..., j] = 1
                 directions.append(tuple(tangent))
         with torch.no_grad():
-            call, _, _, _ = self._solve(self.form.data_values(*theta), B, device)
-            tangents = [self._batched(self.form.data_jvp(theta, d), B, device)
-                        for d in directions]
-            stacked = [torch.stack([t[k] for t in tangents], 1) for k in range(5)]
-            dx, dmu, df = call.kkt.jvp(*stacked)
+            call, _, _, _ = self._solve(theta, B, device)
+            if self.nonlinear:
+                dx, dmu, df = self._nonlinear_directions(call, directions, B, device)
+            else:
+                tangents = [self._batched(self.form.data_jvp(theta, d), B, device)
+                            for d in directions]
+                stacked = [torch.stack([t[k] for t in tangents], 1) for k in range(5)]
+                dx, dmu, df = call.kkt.jvp(*stacked)
         result = []
         for spec in self.outputs_spec:
             per_dir = self._output(spec, dx.flatten(0, 1), dmu.flatten(0, 1), df.flatten(0, 1))
@@ -198,6 +222,19 @@ class Layer(torch.nn.Module):
                 k += p.size
             result.append(row)
         return result
+
+    def _nonlinear_directions(self, call, directions, B, device):
+        """``(dx, dμ, df)`` of shape ``(B, D, …)``: each member's stored factorization, one
+        solve per direction."""
+        n, m, D = self.form.n, self.form.m, len(directions)
+        dx, dmu, df = (torch.zeros(*shape, dtype=_F64) for shape in ((B, D, n), (B, D, m), (B, D)))
+        for b, solved in enumerate(call.solved):
+            for d, direction in enumerate(directions if solved is not None else []):
+                member = tuple(t[b] if t.dim() > p.ndim else t
+                               for p, t in zip(self.form.parameters, direction))
+                out = self.pipeline.forward(solved, member, [], [])
+                dx[b, d], dmu[b, d], df[b, d] = (torch.as_tensor(o) for o in out)
+        return dx.to(device), dmu.to(device), df.to(device)
 
 
 __all__ = ["Layer"]

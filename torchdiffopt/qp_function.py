@@ -371,16 +371,25 @@ class QPSolve(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, call, *tensors):
-        dims = in_dims[1:]
-        if all(d is None for d in dims):
-            return QPSolve.apply(call, *tensors), (None, None, None)
-        V = info.batch_size
-        merged = []
-        for t, d in zip(tensors, dims):
-            t = t.unsqueeze(0).expand(V, *t.shape) if d is None else t.movedim(d, 0)
-            merged.append(t.reshape(V * t.shape[1], *t.shape[2:]))
-        outs = QPSolve.apply(call, *merged)
-        return tuple(o.reshape(V, -1, *o.shape[1:]) for o in outs), (0, 0, 0)
+        return vmap_by_folding(QPSolve, info, in_dims, call, tensors)
+
+
+def vmap_by_folding(function, info, in_dims, call, tensors):
+    """The ``vmap`` rule of a batched autograd function ``function.apply(call, *tensors)``
+    whose tensors all lead with the batch dimension: the vmapped dimension is folded into
+    the batch (``(V, B, …) → (V·B, …)``), solved once, and unfolded. Inputs without the
+    vmapped dimension are expanded; if none has it, the call is passed through."""
+    dims = in_dims[1:]
+    if all(d is None for d in dims):
+        outs = function.apply(call, *tensors)
+        return outs, (None,) * len(outs)
+    V = info.batch_size
+    merged = []
+    for t, d in zip(tensors, dims):
+        t = t.unsqueeze(0).expand(V, *t.shape) if d is None else t.movedim(d, 0)
+        merged.append(t.reshape(V * t.shape[1], *t.shape[2:]))
+    outs = function.apply(call, *merged)
+    return tuple(o.reshape(V, -1, *o.shape[1:]) for o in outs), (0,) * len(outs)
 
 
 def failure_error(status: list, errors: dict) -> Exception:

@@ -1,61 +1,34 @@
 """The DiffOpt-style sensitivity API behind :class:`~torchdiffopt.Model`.
 
-Pipeline: the model compiles to a :class:`~torchdiffopt.compile.quadratic.QuadraticForm`,
-whose data ``D(θ)`` is a torch function of the parameters; a solver returns the optimum; the
-backend factorizes the KKT system once. Then
+The model's pipeline (:mod:`torchdiffopt.pipelines`: quadratic or nonlinear backend) solves
+it and factorizes its optimality system once; then
 
-* forward mode: parameter directions ``dθ`` become data tangents ``dD = (∂D/∂θ) dθ`` by
-  ``torch.func.jvp``; functional seeds (``set_forward_*_function``) add raw data tangents;
-  one solve with the stored factorization gives ``dx``, ``d(dual)``, ``d(objective)``;
-* reverse mode: seeds on ``x``, duals and the objective give data cotangents ``D̄`` in one
-  solve; ``θ̄ = (∂D/∂θ)ᵀ D̄`` is one ``torch.autograd.grad`` call.
+* forward mode: parameter directions ``dθ`` and functional seeds
+  (``set_forward_*_function``, raw tangents of the problem's functions) are pushed through
+  with one solve: ``dx``, ``d(dual)``, ``d(objective)``;
+* reverse mode: seeds on ``x``, duals and the objective are pulled back with one adjoint
+  solve to the parameters (``θ̄``) and to the problem's functions (the functional getters).
 
 Seeds persist until :meth:`Sensitivity.empty_input_sensitivities`; seeds on the same object
-add up. Duals follow the shadow-price convention ``dual = ∂(optimal objective)/∂(rhs)``.
+add up. Duals follow the shadow-price convention ``dual = ∂(optimal objective)/∂(rhs)``;
+the pipelines work on the internal minimization, and this class converts: with
+``sign = +1`` for ``minimize`` and ``-1`` for ``maximize``, ``dual = -sign·μ`` and
+``objective = sign·f``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
-import scipy.sparse as sp
 import torch
 
-from .backends.quadratic import DataTangent, QuadraticKKT
-from .compile.quadratic import QuadraticData, QuadraticForm
 from .errors import (DifferentiationError, InfeasibleError, NonconvexError, SolverError,
                      UnboundedError)
-from .modeling.expressions import Evaluator, as_expression
+from .modeling.expressions import as_expression
 from .modeling.functions import CoefficientFunction
-from .qp_function import solve_and_certify
-from .solvers import NumericQP
-
+from .pipelines import Solved, pipeline_for
 
 _STATUS_OF = {InfeasibleError: "infeasible", UnboundedError: "unbounded",
               NonconvexError: "nonconvex"}
-
-
-@dataclass
-class SolvedState:
-    """Everything known after a successful ``optimize()``."""
-
-    form: QuadraticForm
-    parameters: tuple  # parameter tensors θ the data was evaluated at
-    data: QuadraticData
-    kkt: QuadraticKKT
-    x: np.ndarray
-    dual: np.ndarray  # shadow prices of the constraint rows
-    objective_value: float
-
-
-def numeric_problem(data: QuadraticData) -> NumericQP:
-    """The solver's view (numpy / scipy) of unbatched QP data."""
-    return NumericQP(
-        P=data.P_matrix(), q=data.q.detach().numpy().copy(), r=float(data.r),
-        C=data.C_matrix(), c0=data.c0.detach().numpy().copy(), sense=data.sense,
-        lb=data.lb, ub=data.ub,
-    )
 
 
 class Sensitivity:
@@ -63,14 +36,14 @@ class Sensitivity:
 
     def __init__(self, model):
         self.model = model
-        self._form: QuadraticForm | None = None
-        self._state: SolvedState | None = None
+        self._pipeline = None
+        self._state: Solved | None = None
         self.status = "optimize_not_called"
         self.empty_input_sensitivities()
 
     # -- lifecycle ----------------------------------------------------------------------
     def structure_changed(self):
-        self._form = None
+        self._pipeline = None
         self.solution_invalidated()
 
     def solution_invalidated(self):
@@ -83,40 +56,52 @@ class Sensitivity:
     def parameter_tensors(self) -> dict:
         return {p: torch.as_tensor(p.value, dtype=torch.float64) for p in self.model.parameters}
 
-    def form(self) -> QuadraticForm:
-        if self._form is None:
-            self._form = QuadraticForm(self.model)
-        return self._form
+    def pipeline(self):
+        if self._pipeline is None:
+            self._pipeline = pipeline_for(self.model)
+        return self._pipeline
+
+    @property
+    def sign(self) -> int:
+        return self.model.objective_sign
 
     def optimize(self):
         self.solution_invalidated()
-        form = self.form()
-        if form.objective is None and form.m == 0 and form.n == 0:
-            raise ValueError("the model is empty")
+        model = self.model
+        if model.objective_expression is None and not model.constraints:
+            raise ValueError("the model is empty: add an objective or constraints")
+        pipeline = self.pipeline()
         values = self.parameter_tensors()
-        theta = tuple(values[p] for p in form.parameters)
-        data = form.data(values)
-        problem = numeric_problem(data)
+        theta = tuple(values[p] for p in pipeline.form.parameters)
         try:
-            kkt = solve_and_certify(problem, self.model.solver, form.objective_sign < 0)
+            self._state = pipeline.solve(theta)
         except (SolverError, NonconvexError) as err:
             self.status = _STATUS_OF.get(type(err), "solver_error")
             raise
-        kkt.warn_if_degenerate()
-        x = kkt.x
-        internal_obj = 0.5 * x @ (problem.P @ x) + problem.q @ x + problem.r
-        sign = form.objective_sign
-        self._state = SolvedState(
-            form, theta, data, kkt, x, -sign * kkt.mu, float(sign * internal_obj))
         self.status = "optimal"
 
-    def solved(self) -> SolvedState:
+    def solved(self) -> Solved:
         if self._state is None:
             raise DifferentiationError(
                 "no solution: call optimize() first (the model was not solved since it or "
                 f"its parameters last changed; status: {self.status})"
             )
         return self._state
+
+    def rows_of(self, constraint) -> np.ndarray:
+        return self.pipeline().rows_of(constraint)
+
+    @property
+    def x(self) -> np.ndarray:
+        return self.solved().x
+
+    @property
+    def dual(self) -> np.ndarray:
+        return -self.sign * self.solved().mu + 0.0
+
+    @property
+    def objective_value(self) -> float:
+        return self.sign * self.solved().objective
 
     # -- seeds ----------------------------------------------------------------------------
     def empty_input_sensitivities(self):
@@ -171,46 +156,17 @@ class Sensitivity:
         self._dual_seeds.append((constraint, self._seed_array(constraint, seed, "dual seed")))
 
     # -- forward mode ---------------------------------------------------------------------
-    def _data_tangent(self, state: SolvedState) -> DataTangent:
-        form, data = state.form, state.data
-        n, m = form.n, form.m
-        dP = sp.csr_matrix((n, n))
-        dq, dr = np.zeros(n), 0.0
-        dC = sp.csr_matrix((m, n))
-        dc0 = np.zeros(m)
+    def forward_differentiate(self):
+        state = self.solved()
+        pipeline = self.pipeline()
+        directions = None
         if self._param_seeds:
             directions = tuple(
                 torch.as_tensor(self._param_seeds.get(p, np.zeros(p.shape)), dtype=torch.float64)
-                for p in form.parameters)
-            tP, tq, tr, tC, tc0 = (t.numpy() for t in form.data_jvp(state.parameters,
-                                                                    directions))
-            dP = dP + sp.csr_matrix((tP, (data.P_rows, data.P_cols)), shape=(n, n))
-            dq, dr = dq + tq, dr + float(tr)
-            dC = dC + sp.csr_matrix((tC, (data.C_rows, data.C_cols)), shape=(m, n))
-            dc0 = dc0 + tc0
-        ev = Evaluator(self.parameter_tensors())
-        sign = form.objective_sign
-        for expr in self._objective_seeds:
-            canon = ev.canon(expr.sum() if expr.shape else expr)
-            i, j = canon.quad.vars
-            v = canon.quad.vals.numpy()
-            dP = dP + sign * sp.csr_matrix(
-                (np.concatenate((v, v)), (np.concatenate((i, j)), np.concatenate((j, i)))),
-                shape=(n, n))
-            dq = dq + sign * np.bincount(canon.lin.vars[0], canon.lin.vals.numpy(), minlength=n)
-            dr += sign * float(canon.const.sum())
-        for constraint, expr in self._constraint_seeds:
-            rows = form.rows_of(constraint).ravel()
-            canon = ev.broadcast(expr, tuple(constraint.shape))
-            dC = dC + sp.csr_matrix(
-                (canon.lin.vals.numpy(), (rows[canon.lin.rows], canon.lin.vars[0])), shape=(m, n))
-            np.add.at(dc0, rows, canon.const.numpy())
-        return DataTangent(dP, dq, dr, dC, dc0)
-
-    def forward_differentiate(self):
-        state = self.solved()
-        dx, dmu, dobj = state.kkt.jvp(self._data_tangent(state))
-        sign = state.form.objective_sign
+                for p in pipeline.form.parameters)
+        dx, dmu, dobj = pipeline.forward(state, directions, self._objective_seeds,
+                                         self._constraint_seeds)
+        sign = self.sign
         # "+ 0.0" turns the -0.0 of sign flips into 0.0
         self._forward = {"dx": dx + 0.0, "ddual": -sign * dmu + 0.0, "dobj": sign * dobj + 0.0}
 
@@ -224,39 +180,26 @@ class Sensitivity:
         if key == "dx":
             out = value[obj.offset: obj.offset + obj.size].reshape(obj.shape)
         else:
-            out = value[self.solved().form.rows_of(obj)].reshape(obj.shape)
+            out = value[self.rows_of(obj)].reshape(obj.shape)
         return float(out) if out.shape == () else out.copy()
 
     # -- reverse mode ---------------------------------------------------------------------
     def reverse_differentiate(self):
         state = self.solved()
-        form, data = state.form, state.data
-        sign = form.objective_sign
-        x_bar = np.zeros(form.n)
+        pipeline = self.pipeline()
+        sign = self.sign
+        x_bar = np.zeros(self.model.num_variables)
         for var, seed in self._var_seeds.items():
             x_bar[var.offset: var.offset + var.size] += seed.ravel()
-        mu_bar = np.zeros(form.m)
+        mu_bar = np.zeros(len(state.mu))
         for constraint, seed in self._dual_seeds:
-            np.add.at(mu_bar, form.rows_of(constraint).ravel(), -sign * seed.ravel())
-        cot = state.kkt.vjp(x_bar, mu_bar, sign * self._obj_seed)
-
-        grads = {}
-        if form.parameters:
-            theta = tuple(t.detach().clone().requires_grad_(True) for t in state.parameters)
-            with torch.enable_grad():
-                values = form.data_values(*theta)
-            bars = (cot.P_at(data.P_rows, data.P_cols), cot.q, np.array(cot.r),
-                    cot.C_at(data.C_rows, data.C_cols), cot.c0)
-            pairs = [(v, torch.as_tensor(b, dtype=v.dtype).reshape(v.shape))
-                     for v, b in zip(values, bars) if v.requires_grad]
-            if pairs:
-                outs = torch.autograd.grad([v for v, _ in pairs], theta,
-                                           [b for _, b in pairs], allow_unused=True)
-            else:
-                outs = [None] * len(theta)
-            for p, g in zip(form.parameters, outs):
-                grads[p] = np.zeros(p.shape) if g is None else g.numpy().reshape(p.shape)
-        self._reverse = {"parameters": grads, "cotangent": cot}
+            np.add.at(mu_bar, self.rows_of(constraint).ravel(), -sign * seed.ravel())
+        grads, cot = pipeline.reverse(state, x_bar, mu_bar, sign * self._obj_seed)
+        self._reverse = {
+            "parameters": {p: g.numpy().reshape(p.shape)
+                           for p, g in zip(pipeline.form.parameters, grads)},
+            "cotangent": cot,
+        }
 
     def _reverse_result(self):
         if self._reverse is None:
@@ -270,7 +213,7 @@ class Sensitivity:
 
     def reverse_objective_function(self) -> CoefficientFunction:
         cot = self._reverse_result()["cotangent"]
-        sign = self.solved().form.objective_sign
+        sign = self.sign
         q_bar = sign * cot.q
 
         def linear(var):
@@ -287,7 +230,7 @@ class Sensitivity:
     def reverse_constraint_function(self, constraint) -> CoefficientFunction:
         self.model._own(constraint)
         cot = self._reverse_result()["cotangent"]
-        rows = self.solved().form.rows_of(constraint).ravel()
+        rows = self.rows_of(constraint).ravel()
 
         def linear(var):
             cols = np.arange(var.offset, var.offset + var.size)

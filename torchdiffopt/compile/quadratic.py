@@ -84,9 +84,10 @@ class QuadraticForm:
         for con in self.constraints:
             expr = con.relation.expression
             if expr.degree > 1:
+                kind = "quadratic" if expr.degree == 2 else "nonlinear"
                 raise ValueError(
-                    f"constraint {con.name!r} is quadratic: the quadratic backend takes linear "
-                    "constraints only"
+                    f"constraint {con.name!r} is {kind}: the quadratic backend takes linear "
+                    "constraints only (backend='nonlinear' takes any smooth constraint)"
                 )
             self.row_offsets[con] = offset
             senses.append(np.full(expr.size, SENSE_CODES[con.relation.sense], dtype=np.int8))

@@ -7,7 +7,11 @@ built: :class:`Evaluator` turns a tree into its coefficient form
 data is a torch function of the parameters.
 
 The *degree* of an expression is known statically: 0 for data (constants and parameters,
-combined in any way torch can evaluate), 1 for affine, 2 for quadratic expressions.
+combined in any way torch can evaluate), 1 for affine, 2 for quadratic expressions and
+:data:`NONLINEAR` for anything else (``x ** 3``, ``sin(x)``, ``x / y``). Expressions up to
+degree 2 have a coefficient form (:class:`Evaluator`, for the quadratic backend); every
+expression has a value as a torch function of the variables and parameters
+(:class:`ValueEvaluator`, for the nonlinear backend).
 """
 
 from __future__ import annotations
@@ -22,6 +26,13 @@ import torch
 from .canonical import Canon
 
 _ids = itertools.count()
+
+#: the degree of expressions that are not polynomials of degree ≤ 2
+NONLINEAR = 3
+
+
+def _product_degree(a: int, b: int) -> int:
+    return min(a + b, NONLINEAR)
 
 
 def _broadcast_source(shape: tuple, to: tuple) -> np.ndarray:
@@ -86,10 +97,7 @@ class Expression:
         return Product(as_expression(other), self)
 
     def __truediv__(self, other):
-        other = as_expression(other)
-        if other.degree != 0:
-            raise TypeError("division by an expression of variables is not supported")
-        return Product(self, Power(other, -1))
+        return Product(self, Power(as_expression(other), -1))
 
     def __rtruediv__(self, other):
         return as_expression(other) / self
@@ -135,6 +143,9 @@ class Expression:
     def _canon(self, ev: "Evaluator") -> Canon:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _value(self, ev: "ValueEvaluator") -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
     def __bool__(self):
         raise TypeError("an expression has no truth value; did you mean a constraint?")
 
@@ -177,9 +188,14 @@ class Constant(Expression):
             return Constant(self.sparse.T)
         return Constant(self.value.T)
 
+    def dense(self) -> np.ndarray:
+        return self.value if self.sparse is None else self.sparse.toarray()
+
     def _canon(self, ev):
-        dense = self.value if self.sparse is None else self.sparse.toarray()
-        return Canon.constant(torch.as_tensor(dense.reshape(-1), dtype=ev.dtype))
+        return Canon.constant(torch.as_tensor(self.dense().reshape(-1), dtype=ev.dtype))
+
+    def _value(self, ev):
+        return torch.as_tensor(self.dense(), dtype=ev.dtype)
 
 
 class Variable(Expression):
@@ -196,6 +212,9 @@ class Variable(Expression):
 
     def _canon(self, ev):
         return Canon.variable(self.offset, self.size, ev.dtype)
+
+    def _value(self, ev):
+        return ev.x[self.offset: self.offset + self.size].reshape(self.shape)
 
     def element_name(self, flat_index: int) -> str:
         if not self.shape:
@@ -223,6 +242,9 @@ class Parameter(Expression):
         values = ev.parameter_values[self]
         return Canon.constant(values.reshape(*values.shape[: values.dim() - self.ndim], self.size))
 
+    def _value(self, ev):
+        return ev.parameter_values[self]
+
     def __repr__(self):
         return f"Parameter({self.name!r}, shape={self.shape})"
 
@@ -237,6 +259,9 @@ class Sum2(Expression):
     def _canon(self, ev):
         return ev.broadcast(self.a, self.shape) + ev.broadcast(self.b, self.shape)
 
+    def _value(self, ev):
+        return ev.value(self.a) + ev.value(self.b)
+
 
 class Product(Expression):
     """Entrywise product with numpy broadcasting."""
@@ -244,17 +269,18 @@ class Product(Expression):
     def __init__(self, a: Expression, b: Expression):
         self.shape = np.broadcast_shapes(a.shape, b.shape)
         self.a, self.b = a, b
-        self.degree = a.degree + b.degree
-        if self.degree > 2:
-            raise ValueError(
-                "product of degree > 2: expressions hold at most products of two affine ones")
+        self.degree = _product_degree(a.degree, b.degree)
 
     def _canon(self, ev):
         return ev.broadcast(self.a, self.shape).multiply(ev.broadcast(self.b, self.shape))
 
+    def _value(self, ev):
+        return ev.value(self.a) * ev.value(self.b)
+
 
 class Power(Expression):
-    """``base ** exponent``: any real exponent on data, exponents 0, 1, 2 on affine terms."""
+    """``base ** exponent``: quadratic for exponents 0, 1, 2 of affine terms, nonlinear for
+    other exponents of expressions of variables."""
 
     def __init__(self, base: Expression, exponent: float):
         self.shape = base.shape
@@ -262,12 +288,9 @@ class Power(Expression):
         if base.degree == 0:
             self.degree = 0
         elif exponent in (0, 1, 2):
-            self.degree = base.degree * int(exponent)
+            self.degree = min(base.degree * int(exponent), NONLINEAR)
         else:
-            raise ValueError(
-                f"x ** {exponent} of an expression of variables is not quadratic; only "
-                "exponents 0, 1 and 2 are (the nonlinear backend takes general powers)"
-            )
+            self.degree = NONLINEAR
 
     def _canon(self, ev):
         base = ev.canon(self.base)
@@ -278,6 +301,28 @@ class Power(Expression):
         if self.exponent == 1:
             return base
         return base.multiply(base)
+
+    def _value(self, ev):
+        return ev.value(self.base) ** self.exponent
+
+
+class Function(Expression):
+    """An elementwise function (``sin``, ``cos``, ``exp``, ``log``, ``sqrt``) of an
+    expression; of the data alone it stays data (degree 0)."""
+
+    TORCH = {"sin": torch.sin, "cos": torch.cos, "exp": torch.exp, "log": torch.log,
+             "sqrt": torch.sqrt}
+
+    def __init__(self, name: str, inner: Expression):
+        self.name, self.inner = name, inner
+        self.shape = inner.shape
+        self.degree = 0 if inner.degree == 0 else NONLINEAR
+
+    def _canon(self, ev):
+        return Canon.constant(self.TORCH[self.name](ev.canon(self.inner).const))
+
+    def _value(self, ev):
+        return self.TORCH[self.name](ev.value(self.inner))
 
 
 class Gather(Expression):
@@ -290,6 +335,10 @@ class Gather(Expression):
 
     def _canon(self, ev):
         return ev.canon(self.inner).gather(self.source)
+
+    def _value(self, ev):
+        flat = ev.value(self.inner).reshape(-1)
+        return flat[torch.as_tensor(self.source.ravel())].reshape(self.shape)
 
 
 class Reduce(Expression):
@@ -310,6 +359,11 @@ class Reduce(Expression):
     def _canon(self, ev):
         return ev.canon(self.inner).reduce(self.target, self.size)
 
+    def _value(self, ev):
+        flat = ev.value(self.inner).reshape(-1)
+        out = flat.new_zeros(self.size).index_add(0, torch.as_tensor(self.target), flat)
+        return out.reshape(self.shape)
+
 
 class MatMul(Expression):
     """``a @ b`` with numpy's rules for 1-D and 2-D operands."""
@@ -323,9 +377,10 @@ class MatMul(Expression):
             raise ValueError(f"shape mismatch in @: {a.shape} @ {b.shape}")
         self.a, self.b = a, b
         self.shape = a.shape[:-1] + b.shape[1:]
-        self.degree = a.degree + b.degree
-        if self.degree > 2:
-            raise ValueError("product of degree > 2 in @")
+        self.degree = _product_degree(a.degree, b.degree)
+
+    def _value(self, ev):
+        return ev.value(self.a) @ ev.value(self.b)
 
     def _canon(self, ev):
         a, b = self.a, self.b
@@ -370,6 +425,23 @@ def _data_matmul(ev: "Evaluator", m: Expression, e: Expression) -> Canon:
     )
 
 
+class ValueEvaluator:
+    """Evaluates expressions to torch tensors of their shape at a point ``x`` (the flat
+    variable vector) for given parameter tensors; differentiable in both by torch."""
+
+    def __init__(self, x: torch.Tensor, parameter_values: dict):
+        self.x = x
+        self.parameter_values = parameter_values
+        self.dtype = x.dtype
+        self._memo: dict[int, tuple] = {}
+
+    def value(self, expr: Expression) -> torch.Tensor:
+        key = id(expr)
+        if key not in self._memo:
+            self._memo[key] = (expr, expr._value(self))
+        return self._memo[key][1]
+
+
 class Evaluator:
     """Evaluates expression trees to coefficient form for given parameter tensors.
 
@@ -383,6 +455,10 @@ class Evaluator:
         self._memo: dict[int, Canon] = {}
 
     def canon(self, expr: Expression) -> Canon:
+        if expr.degree > 2:
+            raise ValueError(
+                "this expression is nonlinear (not a polynomial of degree ≤ 2): the quadratic "
+                "backend cannot take it; use backend='nonlinear' (tdo.nonlinear_diff_model)")
         key = id(expr)
         if key not in self._memo:
             self._memo[key] = (expr, expr._canon(self))
@@ -418,3 +494,15 @@ def sum_squares(a) -> Expression:
 def sum(a, axis=None) -> Expression:  # noqa: A001 - numpy-like name
     """Sum of the entries (over ``axis`` if given)."""
     return as_expression(a).sum(axis)
+
+
+def _elementwise(name: str):
+    def apply(a) -> Expression:
+        return Function(name, as_expression(a))
+
+    apply.__name__ = apply.__qualname__ = name
+    apply.__doc__ = f"Elementwise ``{name}`` of an expression (nonlinear unless of data only)."
+    return apply
+
+
+sin, cos, exp, log, sqrt = (_elementwise(n) for n in ("sin", "cos", "exp", "log", "sqrt"))

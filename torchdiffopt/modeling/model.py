@@ -7,7 +7,10 @@ import numpy as np
 
 import torch
 
-from .expressions import Evaluator, Expression, Parameter, Relation, Variable, as_expression
+from .expressions import Expression, Parameter, Relation, ValueEvaluator, Variable, as_expression
+
+
+BACKENDS = ("auto", "quadratic", "nonlinear")
 
 
 class ConstraintRef:
@@ -53,18 +56,21 @@ class ObjectiveRef:
 class Model:
     """An optimization model with parameters, solved and differentiated as a whole.
 
-    ``solver`` names the solver (``"highs"``; ``None`` or ``"auto"`` picks one) and
-    ``backend`` the differentiation backend (``"quadratic"``: KKT of an LP or convex QP).
+    ``solver`` names the solver (``"highs"``, ``"scs"``, ``"slsqp"``; ``None`` or ``"auto"``
+    picks one) and ``backend`` the differentiation backend: ``"quadratic"`` (KKT of an LP or
+    convex QP), ``"nonlinear"`` (KKT of a smooth NLP at a local solution) or ``"auto"``
+    (quadratic when the objective is at most quadratic and the constraints affine).
     """
 
-    def __init__(self, solver: str | None = None, backend: str = "quadratic"):
+    def __init__(self, solver: str | None = None, backend: str = "auto"):
         from ..sensitivity import Sensitivity
 
-        if backend != "quadratic":
-            raise ValueError(f"unknown backend {backend!r}; available: 'quadratic'")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
         self.solver = "auto" if solver is None else solver
         self.backend = backend
         self._variables: list[Variable] = []
+        self._start: list[np.ndarray] = []
         self._lb: list[np.ndarray] = []
         self._ub: list[np.ndarray] = []
         self.num_variables = 0
@@ -86,9 +92,11 @@ class Model:
     def _changed(self):
         self._sensitivity.structure_changed()
 
-    def variable(self, shape=(), lb=None, ub=None, name: str | None = None) -> Variable:
+    def variable(self, shape=(), lb=None, ub=None, name: str | None = None,
+                 start=None) -> Variable:
         """A block of variables of ``shape`` (``()``, ``n`` or ``(m, n)``) with optional bounds
-        (numbers or arrays broadcast to ``shape``)."""
+        and start values (numbers or arrays broadcast to ``shape``; start values are used by
+        the nonlinear backend's local solver)."""
         shape = (int(shape),) if np.isscalar(shape) else tuple(int(s) for s in shape)
         var = Variable(self, self.num_variables, shape, self._name(name, "x"))
         size = var.size
@@ -99,11 +107,24 @@ class Model:
         if np.any(lower > upper):
             raise ValueError(f"variable {var.name!r} has a lower bound above its upper bound")
         self._variables.append(var)
+        self._start.append(np.full(size, np.nan))
+        if start is not None:
+            self._start[-1] = np.broadcast_to(np.asarray(start, float), shape).ravel().copy()
         self._lb.append(lower.copy())
         self._ub.append(upper.copy())
         self.num_variables += size
         self._changed()
         return var
+
+    def set_start_value(self, variable: Variable, value) -> None:
+        """Start the nonlinear backend's local solver at ``value`` for this variable."""
+        self._own(variable)
+        k = self._variables.index(variable)
+        self._start[k] = np.broadcast_to(np.asarray(value, float), variable.shape).ravel().copy()
+
+    def start_values(self) -> np.ndarray:
+        """Start values over the flat variable vector (NaN where none was given)."""
+        return np.concatenate(self._start) if self._start else np.zeros(0)
 
     def bounds(self):
         """``(lb, ub)`` arrays over the flat variable vector."""
@@ -167,25 +188,19 @@ class Model:
 
     @property
     def objective_value(self) -> float:
-        return self._sensitivity.solved().objective_value
+        return self._sensitivity.objective_value
 
     def value(self, expr):
         """Value of any expression of variables and parameters at the solution."""
-        state = self._sensitivity.solved()
-        expr = as_expression(expr)
-        canon = Evaluator(self._sensitivity.parameter_tensors()).canon(expr)
-        x = state.x
-        out = canon.const.detach().numpy().copy()
-        np.add.at(out, canon.lin.rows, canon.lin.vals.detach().numpy() * x[canon.lin.vars[0]])
-        i, j = canon.quad.vars
-        np.add.at(out, canon.quad.rows, canon.quad.vals.detach().numpy() * x[i] * x[j])
-        return _unwrap(out.reshape(expr.shape))
+        x = torch.as_tensor(self._sensitivity.x)
+        value = ValueEvaluator(x, self._sensitivity.parameter_tensors()).value(as_expression(expr))
+        return _unwrap(value.detach().numpy())
 
     def dual(self, constraint: ConstraintRef):
         """Shadow prices ``∂(optimal objective)/∂(rhs)`` of a constraint's rows."""
         self._own(constraint)
-        state = self._sensitivity.solved()
-        return _unwrap(state.dual[state.form.rows_of(constraint)].reshape(constraint.shape))
+        dual = self._sensitivity.dual
+        return _unwrap(dual[self._sensitivity.rows_of(constraint)].reshape(constraint.shape))
 
     # -- sensitivity API (DiffOpt.jl names without "!") ---------------------------------
     def empty_input_sensitivities(self) -> None:

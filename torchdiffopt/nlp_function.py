@@ -1,0 +1,103 @@
+"""The differentiable map from parameters to a local NLP solution, for a batch: ``NLPSolve``.
+
+``NLPSolve.apply(call, *theta) → (x*, μ*, f*)`` takes the model's parameter tensors (each
+with a leading batch dimension ``B``), solves every member with the nonlinear pipeline
+(:mod:`torchdiffopt.pipelines`) and differentiates through each member's factorized KKT
+system (:mod:`torchdiffopt.backends.nonlinear`): ``backward`` is one adjoint solve and one
+reverse pass per member, ``jvp`` one solve per member and direction. Members are solved one
+after the other (a local NLP solve is inherently per instance); ``vmap`` folds a vmapped
+dimension into the batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .errors import NonconvexError, SolverError
+from .pipelines import NonlinearPipeline
+from .qp_function import vmap_by_folding
+from .solvers.batch import status_of
+
+_F64 = torch.float64
+
+
+class NLPCall:
+    """One call: the pipeline, and the side channel from ``forward`` to ``setup_context``."""
+
+    def __init__(self, pipeline: NonlinearPipeline):
+        self.pipeline = pipeline
+        self.solved: list = []
+        self.status: list[str] = []
+        self.errors: dict[int, Exception] = {}
+
+
+def _solve_members(call: NLPCall, theta: tuple):
+    pipeline = call.pipeline
+    B = theta[0].shape[0] if theta else 1
+    n, m = pipeline.form.n, pipeline.form.m
+    x, mu, f = (torch.full(shape, torch.nan, dtype=_F64) for shape in ((B, n), (B, m), (B,)))
+    call.solved, call.status, call.errors = [None] * B, ["optimal"] * B, {}
+    for b in range(B):
+        member = tuple(t[b].detach().cpu().to(_F64) for t in theta)
+        if not all(torch.isfinite(t).all() for t in member):
+            call.status[b] = "invalid_data"
+            call.errors[b] = ValueError("the parameters contain NaN or inf")
+            continue
+        try:
+            solved = pipeline.solve(member)
+        except (SolverError, NonconvexError) as err:
+            call.status[b], call.errors[b] = status_of(err), err
+            continue
+        call.solved[b] = solved
+        x[b], mu[b], f[b] = (torch.as_tensor(solved.x), torch.as_tensor(solved.mu),
+                             solved.objective)
+    device = theta[0].device if theta else torch.device("cpu")
+    return x.to(device), mu.to(device), f.to(device)
+
+
+class NLPSolve(torch.autograd.Function):
+    """``θ ↦ (x*, μ*, f*)`` for a batch of NLPs (internal minimization, float64)."""
+
+    @staticmethod
+    def forward(call, *theta):
+        with torch.no_grad():
+            return _solve_members(call, theta)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.call = inputs[0]
+        ctx.like = [t.detach() for t in inputs[1:]]
+        ctx.set_materialize_grads(True)
+
+    @staticmethod
+    def backward(ctx, x_bar, mu_bar, f_bar):
+        call, like = ctx.call, ctx.like
+        grads = [torch.zeros_like(t) for t in like]
+        xb, mb, fb = (t.detach().cpu().numpy() for t in (x_bar, mu_bar, f_bar))
+        for b, solved in enumerate(call.solved):
+            if solved is None:
+                continue
+            member_grads, _ = call.pipeline.reverse(solved, xb[b], mb[b], float(fb[b]))
+            for g, mg in zip(grads, member_grads):
+                g[b] = mg.to(g.device, g.dtype)
+        return (None, *grads)
+
+    @staticmethod
+    def jvp(ctx, _call_tangent, *directions):
+        call, like = ctx.call, ctx.like
+        B = len(call.solved)
+        n, m = call.pipeline.form.n, call.pipeline.form.m
+        dx, dmu, df = np.zeros((B, n)), np.zeros((B, m)), np.zeros(B)
+        directions = [torch.zeros_like(t) if d is None else d for t, d in zip(like, directions)]
+        for b, solved in enumerate(call.solved):
+            if solved is None:
+                continue
+            member = tuple(d[b].detach().cpu().to(_F64) for d in directions)
+            dx[b], dmu[b], df[b] = call.pipeline.forward(solved, member, [], [])
+        device = like[0].device if like else torch.device("cpu")
+        return tuple(torch.as_tensor(a, dtype=_F64, device=device) for a in (dx, dmu, df))
+
+    @staticmethod
+    def vmap(info, in_dims, call, *theta):
+        return vmap_by_folding(NLPSolve, info, in_dims, call, theta)

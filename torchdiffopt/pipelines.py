@@ -1,0 +1,194 @@
+"""Model → solve → factorized optimality system, one class per backend.
+
+Each pipeline compiles a model once and offers the same four operations on the *internal*
+(minimization) problem, in the sign conventions of :mod:`torchdiffopt.backends.quadratic`
+(row multipliers ``μ``, shadow prices ``-μ``):
+
+* ``solve(theta) -> Solved``: solve at parameter tensors θ and factorize the KKT system;
+* ``forward(solved, directions, objective_tangents, constraint_tangents)
+  -> (dx, dμ, df*)``: parameter directions and functional tangents (they add);
+* ``reverse(solved, x̄, μ̄, f̄) -> (θ̄, DataCotangent)``: parameter cotangents and the
+  cotangents of the functional API;
+* ``rows_of(constraint)``: the constraint's rows.
+
+:class:`QuadraticPipeline` goes through the problem data ``D(θ)`` (the quadratic form);
+:class:`NonlinearPipeline` through torch callables ``f(x; θ)``, ``g(x; θ)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch.func import grad, jacrev
+
+from .backends.nonlinear import NonlinearKKT
+from .backends.quadratic import DataTangent
+from .compile.nonlinear import NonlinearForm
+from .compile.quadratic import QuadraticForm
+from .modeling.expressions import Evaluator, ValueEvaluator
+from .qp_function import solve_and_certify
+from .solvers import NumericQP
+from .solvers.nlp import solve_slsqp
+
+
+@dataclass
+class Solved:
+    """A solution: the point, the internal multipliers of the constraint rows, the internal
+    optimal value, and the backend's factorized system (``kkt``)."""
+
+    theta: tuple
+    x: np.ndarray
+    mu: np.ndarray
+    objective: float
+    kkt: object
+    data: object = None
+
+
+class QuadraticPipeline:
+    """LP / convex QP: ``D(θ)`` → HiGHS or SCS → :class:`QuadraticKKT`."""
+
+    def __init__(self, model):
+        self.model = model
+        self.form = QuadraticForm(model)
+
+    def rows_of(self, constraint) -> np.ndarray:
+        return self.form.rows_of(constraint)
+
+    def solve(self, theta: tuple) -> Solved:
+        form = self.form
+        data = form.data(dict(zip(form.parameters, theta)))
+        problem = NumericQP(
+            P=data.P_matrix(), q=data.q.detach().numpy().copy(), r=float(data.r),
+            C=data.C_matrix(), c0=data.c0.detach().numpy().copy(), sense=data.sense,
+            lb=data.lb, ub=data.ub)
+        kkt = solve_and_certify(problem, self.model.solver, form.objective_sign < 0)
+        kkt.warn_if_degenerate()
+        x = kkt.x
+        value = 0.5 * x @ (problem.P @ x) + problem.q @ x + problem.r
+        return Solved(theta, x, kkt.mu, float(value), kkt, data)
+
+    def forward(self, solved: Solved, directions, objective_tangents, constraint_tangents):
+        form, data = self.form, solved.data
+        n, m = form.n, form.m
+        dP, dq, dr = sp.csr_matrix((n, n)), np.zeros(n), 0.0
+        dC, dc0 = sp.csr_matrix((m, n)), np.zeros(m)
+        if directions is not None:
+            tP, tq, tr, tC, tc0 = (t.numpy() for t in form.data_jvp(solved.theta, directions))
+            dP = dP + sp.csr_matrix((tP, (data.P_rows, data.P_cols)), shape=(n, n))
+            dq, dr = dq + tq, dr + float(tr)
+            dC = dC + sp.csr_matrix((tC, (data.C_rows, data.C_cols)), shape=(m, n))
+            dc0 = dc0 + tc0
+        ev = Evaluator(dict(zip(form.parameters, solved.theta)))
+        sign = form.objective_sign
+        for expr in objective_tangents:
+            canon = ev.canon(expr.sum() if expr.shape else expr)
+            i, j = canon.quad.vars
+            v = canon.quad.vals.numpy()
+            dP = dP + sign * sp.csr_matrix(
+                (np.concatenate((v, v)), (np.concatenate((i, j)), np.concatenate((j, i)))),
+                shape=(n, n))
+            dq = dq + sign * np.bincount(canon.lin.vars[0], canon.lin.vals.numpy(), minlength=n)
+            dr += sign * float(canon.const.sum())
+        for constraint, expr in constraint_tangents:
+            rows = form.rows_of(constraint).ravel()
+            canon = ev.broadcast(expr, tuple(constraint.shape))
+            dC = dC + sp.csr_matrix(
+                (canon.lin.vals.numpy(), (rows[canon.lin.rows], canon.lin.vars[0])), shape=(m, n))
+            np.add.at(dc0, rows, canon.const.numpy())
+        return solved.kkt.jvp(DataTangent(dP, dq, dr, dC, dc0))
+
+    def reverse(self, solved: Solved, x_bar, mu_bar, f_bar):
+        form, data = self.form, solved.data
+        cot = solved.kkt.vjp(x_bar, mu_bar, f_bar)
+        if not form.parameters:
+            return (), cot
+        theta = tuple(t.detach().clone().requires_grad_(True) for t in solved.theta)
+        with torch.enable_grad():
+            values = form.data_values(*theta)
+        bars = (cot.P_at(data.P_rows, data.P_cols), cot.q, np.array(cot.r),
+                cot.C_at(data.C_rows, data.C_cols), cot.c0)
+        pairs = [(v, torch.as_tensor(b, dtype=v.dtype).reshape(v.shape))
+                 for v, b in zip(values, bars) if v.requires_grad]
+        grads = (torch.autograd.grad([v for v, _ in pairs], theta, [b for _, b in pairs],
+                                     allow_unused=True) if pairs else [None] * len(theta))
+        return tuple(torch.zeros_like(t) if g is None else g for t, g in zip(theta, grads)), cot
+
+
+class NonlinearPipeline:
+    """Smooth NLP: torch callables → SLSQP → :class:`NonlinearKKT` (Newton-polished)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.form = NonlinearForm(model)
+        self._last_x: np.ndarray | None = None
+
+    def rows_of(self, constraint) -> np.ndarray:
+        return self.form.rows_of(constraint)
+
+    def start(self) -> np.ndarray:
+        """User start values where given, else the last solution, else zero; in the bounds."""
+        form = self.form
+        x0 = self._last_x.copy() if self._last_x is not None else np.zeros(form.n)
+        given = ~np.isnan(self.model.start_values())
+        x0[given] = self.model.start_values()[given]
+        return np.clip(x0, form.lb, form.ub)
+
+    def solve(self, theta: tuple) -> Solved:
+        form = self.form
+        as_t = lambda x: torch.as_tensor(x, dtype=torch.float64)  # noqa: E731
+        f = lambda z: form.objective(z, theta)  # noqa: E731
+        g = lambda z: form.constraints_value(z, theta)  # noqa: E731
+        x = solve_slsqp(
+            lambda x: float(f(as_t(x))), lambda x: grad(f)(as_t(x)).numpy(),
+            lambda x: g(as_t(x)).numpy(),
+            lambda x: jacrev(g)(as_t(x)).numpy().reshape(form.m, form.n),
+            form.sense, form.lb, form.ub, self.start())
+        kkt = NonlinearKKT(form, theta, x)
+        kkt.certify()
+        self._last_x = kkt.x.copy()
+        return Solved(theta, kkt.x, kkt.mu, float(f(kkt.x_t)), kkt)
+
+    def _tangent_fn(self, theta, objective_tangents, constraint_tangents):
+        if not objective_tangents and not constraint_tangents:
+            return None
+        form = self.form
+        params = dict(zip(form.parameters, theta))
+
+        def tangent(z):
+            ev = ValueEvaluator(z, params)
+            e_f = z.new_zeros(())
+            for expr in objective_tangents:
+                e_f = e_f + form.objective_sign * ev.value(expr).sum()
+            e_g = z.new_zeros(form.m)
+            for constraint, expr in constraint_tangents:
+                rows = torch.as_tensor(form.rows_of(constraint).ravel())
+                value = ev.value(expr).expand(tuple(constraint.shape)).reshape(-1)
+                e_g = e_g.index_add(0, rows, value)
+            return e_f, e_g
+
+        return tangent
+
+    def forward(self, solved: Solved, directions, objective_tangents, constraint_tangents):
+        theta = solved.theta
+        if directions is None:
+            directions = tuple(torch.zeros_like(t) for t in theta)
+        tangent = self._tangent_fn(theta, objective_tangents, constraint_tangents)
+        return solved.kkt.jvp(directions, tangent)
+
+    def reverse(self, solved: Solved, x_bar, mu_bar, f_bar):
+        return solved.kkt.vjp(x_bar, mu_bar, f_bar)
+
+
+def pipeline_for(model):
+    """The pipeline of the model's backend (``"auto"``: quadratic for LP/QP, nonlinear when
+    the objective is not quadratic or a constraint not affine)."""
+    backend = model.backend
+    if backend == "auto":
+        nonlinear = (model.objective_expression is not None
+                     and model.objective_expression.degree > 2) or any(
+            c.relation.expression.degree > 1 for c in model.constraints)
+        backend = "nonlinear" if nonlinear else "quadratic"
+    return NonlinearPipeline(model) if backend == "nonlinear" else QuadraticPipeline(model)
