@@ -25,6 +25,13 @@ from ..linalg.factorization import DenseFactorization
 from .quadratic import ACTIVE_RTOL, WEAK_RTOL, bound_rows
 
 
+def _amax(t: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
+    """``t.amax(-1)``, zero for an empty last dimension (a problem without rows)."""
+    if t.shape[-1]:
+        return t.amax(-1, keepdim=keepdim)
+    return t.new_zeros(*t.shape[:-1], *((1,) if keepdim else ()))
+
+
 class BatchedQuadraticKKT:
     """Factorized KKT systems of a batch of QPs at their solutions.
 
@@ -78,7 +85,7 @@ class BatchedQuadraticKKT:
         x_new, mu_new = z[:, :n], z[:, n:]
         res_new = (C_all @ x_new.unsqueeze(-1)).squeeze(-1) + c0_all
         feasible = (sense_all * res_new >= -ACTIVE_RTOL * row_scale).all(-1)
-        mu_tol = 1e-7 * (1.0 + mu_new.abs().amax(-1, keepdim=True))
+        mu_tol = 1e-7 * (1.0 + _amax(mu_new.abs(), keepdim=True))
         dual_ok = (sense_all * mu_new <= mu_tol).all(-1)
         close = (x_new - x).abs().amax(-1) <= 1e-4 * (1.0 + x.abs().amax(-1))
         accept = feasible & dual_ok & close & torch.isfinite(z).all(-1) & ~self.singular & valid
@@ -92,21 +99,21 @@ class BatchedQuadraticKKT:
         self.mu = mu_all[:, :m]
         self.a = a
         self.active = active[:, :m]
-        mu_scale = 1.0 + mu_all.abs().amax(-1, keepdim=True)
+        mu_scale = 1.0 + _amax(mu_all.abs(), keepdim=True)
         self.weak = (active & (sense_all != 0) & (mu_all.abs() <= WEAK_RTOL * mu_scale)).any(-1)
 
         # relative KKT residual: stationarity, primal and dual feasibility
         Px = (P @ x.unsqueeze(-1)).squeeze(-1)
         Cmu = (C_all.transpose(1, 2) @ mu_all.unsqueeze(-1)).squeeze(-1)
         scale = 1.0 + torch.stack((q.abs().amax(-1), Px.abs().amax(-1),
-                                   (C_all.abs().transpose(1, 2) @ mu_all.abs().unsqueeze(-1))
-                                   .squeeze(-1).amax(-1))).amax(0)
+                                   _amax((C_all.abs().transpose(1, 2)
+                                          @ mu_all.abs().unsqueeze(-1)).squeeze(-1)))).amax(0)
         res = (C_all @ x.unsqueeze(-1)).squeeze(-1) + c0_all
         violation = torch.where(sense_all == 0, res.abs(), torch.relu(-sense_all * res))
         self.kkt_residual = torch.stack((
             (Px + q + Cmu).abs().amax(-1) / scale,
-            (violation / row_scale).amax(-1),
-            torch.relu(sense_all * mu_all).amax(-1) / scale,
+            _amax(violation / row_scale),
+            _amax(torch.relu(sense_all * mu_all)) / scale,
         )).amax(0) * valid_f.squeeze(-1)
 
     # -- forward mode ---------------------------------------------------------------------

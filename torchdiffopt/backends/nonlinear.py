@@ -64,7 +64,7 @@ class NonlinearKKT:
         for _ in range(6):  # active-set corrections
             x, mu_all = self._polish(x, active)
             rows = self._rows(x)
-            tol = ACTIVE_RTOL * self._row_scale(x)
+            tol = ACTIVE_RTOL * self._row_scale(x, self._jacobian(x))
             mu_scale = 1 + np.abs(mu_all).max(initial=0.0)
             wrong_sign = active & (self._sense * mu_all > 1e-9 * mu_scale)
             violated = ~active & (self._sense * rows < -tol)
@@ -90,13 +90,13 @@ class NonlinearKKT:
         g = self.form.constraints_value(x, self.theta).detach().numpy()
         return np.concatenate((g, x.detach().numpy()[self._b_cols] + self._b_c0))
 
-    def _row_scale(self, x: torch.Tensor) -> np.ndarray:
+    def _row_scale(self, x: torch.Tensor, J: np.ndarray) -> np.ndarray:
         """``1 + ‖∇g_i‖∞ (1 + ‖x‖∞)``: the size a row's residual is measured against."""
         x_size = 1.0 + float(x.abs().max()) if x.numel() else 1.0
-        return 1.0 + np.abs(self._jacobian(x)).max(axis=1, initial=0.0) * x_size
+        return 1.0 + np.abs(J).max(axis=1, initial=0.0) * x_size
 
     def _binding(self, x: torch.Tensor) -> np.ndarray:
-        return np.abs(self._rows(x)) <= ACTIVE_RTOL * self._row_scale(x)
+        return np.abs(self._rows(x)) <= ACTIVE_RTOL * self._row_scale(x, self._jacobian(x))
 
     def _jacobian(self, x: torch.Tensor) -> np.ndarray:
         """Jacobian of all rows (constraints, then unit rows of the bounds), dense."""
@@ -125,16 +125,16 @@ class NonlinearKKT:
         """Multipliers by least squares on the active rows, then Newton on F = 0."""
         idx = np.flatnonzero(active)
         mu_all = np.zeros(len(self._sense))
-        J = self._jacobian(x)[idx]
         gf = self._gradient_f(x)
+        scale = 1.0 + np.abs(gf).max(initial=0.0)
         if len(idx):
-            mu_all[idx] = np.linalg.lstsq(J.T, -gf, rcond=None)[0]
+            mu_all[idx] = np.linalg.lstsq(self._jacobian(x)[idx].T, -gf, rcond=None)[0]
         for _ in range(30):
             mu_c = torch.as_tensor(mu_all[: self.m])
-            J = self._jacobian(x)[idx]
-            stationarity = self._gradient_f(x) + self._jacobian(x).T @ mu_all
+            J_all = self._jacobian(x)
+            J = J_all[idx]
+            stationarity = self._gradient_f(x) + J_all.T @ mu_all
             F = np.concatenate((stationarity, self._rows(x)[idx]))
-            scale = 1.0 + np.abs(gf).max(initial=0.0)
             if np.abs(F).max(initial=0.0) <= 1e-13 * scale:
                 break
             H = self._hessian(x, mu_c)
@@ -166,7 +166,7 @@ class NonlinearKKT:
         scale = 1.0 + max(np.abs(gf).max(initial=0.0),
                           (np.abs(J).T @ np.abs(self.mu_all)).max(initial=0.0))
         stationarity = np.abs(gf + J.T @ self.mu_all).max(initial=0.0) / scale
-        row_scale = self._row_scale(x)
+        row_scale = self._row_scale(x, J)
         violation = np.where(self._sense == 0, np.abs(rows), np.maximum(-self._sense * rows, 0))
         primal = (violation / row_scale).max(initial=0.0)
         dual = np.maximum(self._sense * self.mu_all, 0.0).max(initial=0.0) / scale
