@@ -7,13 +7,9 @@ import pytest
 import scipy.sparse as sp
 
 import torchdiffopt as tdo
+from helpers import forward_derivative as forward
 
 
-def forward(m, param, var, direction=1.0):
-    m.empty_input_sensitivities()
-    m.set_forward_parameter(param, direction)
-    m.forward_differentiate()
-    return m.get_forward_variable(var)
 
 
 def test_nonlinear_parameter_combinations():

@@ -5,13 +5,9 @@ import pytest
 import torch
 
 import torchdiffopt as tdo
+from helpers import forward_derivative as forward
 
 
-def forward(m, param, var=None, direction=1.0):
-    m.empty_input_sensitivities()
-    m.set_forward_parameter(param, direction)
-    m.forward_differentiate()
-    return None if var is None else m.get_forward_variable(var)
 
 
 def test_equality_constrained_qp_with_bounds():

@@ -13,36 +13,14 @@ gradients, Jacobians and Hessians all come from torch autograd / ``torch.func``.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ..modeling.expressions import ValueEvaluator
-from .quadratic import SENSE_CODES
+from .layout import ModelLayout
 
 
-class NonlinearForm:
+class NonlinearForm(ModelLayout):
     """The compiled structure of a model for the nonlinear backend."""
-
-    def __init__(self, model):
-        self.model = model
-        self.n = model.num_variables
-        self.parameters = list(model.parameters)
-        self.objective_expression = model.objective_expression
-        self.objective_sign = model.objective_sign
-        self.constraints = list(model.constraints)
-        self.row_offsets = {}
-        senses, offset = [], 0
-        for con in self.constraints:
-            size = con.relation.expression.size
-            self.row_offsets[con] = offset
-            senses.append(np.full(size, SENSE_CODES[con.relation.sense], dtype=np.int8))
-            offset += size
-        self.m = offset
-        self.sense = np.concatenate(senses) if senses else np.zeros(0, dtype=np.int8)
-        self.lb, self.ub = model.bounds()
-
-    def rows_of(self, constraint) -> np.ndarray:
-        return self.row_offsets[constraint.root] + constraint.local_rows
 
     def _evaluator(self, x, theta) -> ValueEvaluator:
         return ValueEvaluator(x, dict(zip(self.parameters, theta)))

@@ -27,8 +27,7 @@ import torch.autograd.forward_ad as fwAD
 
 from ..modeling.canonical import cat_last, scatter_add_last
 from ..modeling.expressions import Evaluator
-
-SENSE_CODES = {"==": 0, ">=": 1, "<=": -1}
+from .layout import ModelLayout
 
 
 @dataclass
@@ -65,22 +64,14 @@ class QuadraticData:
         )
 
 
-class QuadraticForm:
+class QuadraticForm(ModelLayout):
     """The compiled structure of a model: variable count, constraint rows, objective sense.
 
     Built once per model structure; :meth:`data` evaluates it for any parameter tensors.
     """
 
     def __init__(self, model):
-        self.model = model
-        self.n = model.num_variables
-        self.parameters = list(model.parameters)
-        self.objective = model.objective_expression
-        self.objective_sign = model.objective_sign
-        self.constraints = list(model.constraints)
-        self.row_offsets = {}
-        offset = 0
-        senses = []
+        super().__init__(model)
         for con in self.constraints:
             expr = con.relation.expression
             if expr.degree > 1:
@@ -89,23 +80,13 @@ class QuadraticForm:
                     f"constraint {con.name!r} is {kind}: the quadratic backend takes linear "
                     "constraints only (backend='nonlinear' takes any smooth constraint)"
                 )
-            self.row_offsets[con] = offset
-            senses.append(np.full(expr.size, SENSE_CODES[con.relation.sense], dtype=np.int8))
-            offset += expr.size
-        self.m = offset
-        self.sense = np.concatenate(senses) if senses else np.zeros(0, dtype=np.int8)
-        self.lb, self.ub = model.bounds()
-
-    def rows_of(self, constraint) -> np.ndarray:
-        """Row indices of ``C`` belonging to a constraint reference (or a view of one)."""
-        return self.row_offsets[constraint.root] + constraint.local_rows
 
     def data(self, parameter_values: dict) -> QuadraticData:
         """Evaluate ``P, q, r, C, c0`` for ``parameter_values`` (Parameter → tensor)."""
         ev = Evaluator(parameter_values)
         dtype = ev.dtype
         sign = float(self.objective_sign)
-        obj = None if self.objective is None else ev.canon(self.objective)
+        obj = None if self.objective_expression is None else ev.canon(self.objective_expression)
         if obj is None:
             zero = torch.zeros(1, dtype=dtype)
             q = torch.zeros(self.n, dtype=dtype)
