@@ -217,3 +217,23 @@ def test_layer_on_the_nonlinear_backend():
     xs = layer(C, R)[0]
     g = torch.autograd.grad(xs[1, 2], C)[0]
     torch.testing.assert_close(J[0][0][1, 2], g[1])
+
+
+def test_nonlinear_layer_vmap_and_failures():
+    m = tdo.nonlinear_diff_model()
+    x = m.variable(2, name="x")
+    r = m.parameter(1.0, name="r")
+    m.constraint(tdo.sum_squares(x) <= r)
+    m.minimize(tdo.exp(x[0]) + (x[1] - 3) ** 2)
+    layer = tdo.Layer(m, parameters=[r], outputs=x, on_failure="nan")
+    R = torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64)  # the last: an empty disk
+    out = layer(R)
+    assert layer.last_status[:2] == ["optimal", "optimal"]
+    assert layer.last_status[2] in ("infeasible", "solver_error")
+    assert torch.isnan(out[2]).all() and torch.isfinite(out[:2]).all()
+    vm = torch.func.vmap(layer)(R[:2])
+    torch.testing.assert_close(vm, out[:2])
+    Rg = R[:2].clone().requires_grad_()
+    layer(Rg)[:, 1].sum().backward()
+    # on the circle x₁ grows with r: dx₁/dr > 0 for both members
+    assert (Rg.grad > 0).all()

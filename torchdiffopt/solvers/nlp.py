@@ -21,7 +21,7 @@ from ..errors import InfeasibleError, SolverError
 
 
 def solve_slsqp(fun, grad, cons, cons_jac, sense: np.ndarray, lb, ub, x0: np.ndarray,
-                max_iter: int = 1000, tol: float = 1e-12) -> np.ndarray:
+                max_iter: int = 300, tol: float = 1e-12) -> np.ndarray:
     """Minimize ``fun`` from ``x0``; ``cons(x)`` returns all rows ``g(x)``, ``cons_jac(x)``
     their Jacobian. Returns the point; raises a named error when SLSQP fails."""
     constraints = []
@@ -41,6 +41,12 @@ def solve_slsqp(fun, grad, cons, cons_jac, sense: np.ndarray, lb, ub, x0: np.nda
     if result.status == 4 or (result.status == 8 and "incompatible" in result.message):
         raise InfeasibleError(f"locally infeasible: SLSQP reports '{result.message}' "
                               "(no feasible point found near the start)")
+    rows = cons(result.x)
+    violation = np.where(eq, np.abs(rows), np.maximum(-np.where(le, -rows, rows), 0.0))
+    worst = float(violation.max(initial=0.0))
+    if not result.success and worst > 1e-6 * (1.0 + np.abs(result.x).max(initial=0.0)):
+        raise InfeasibleError(f"locally infeasible: SLSQP stopped ('{result.message}') at a "
+                              f"point violating the constraints by {worst:.1e}")
     if not result.success and result.status != 8:
         raise SolverError(f"SLSQP failed: {result.message} (status {result.status})")
     if not np.all(np.isfinite(result.x)):
