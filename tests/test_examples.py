@@ -59,3 +59,27 @@ def test_ridge_gradient_matches_closed_form_and_loss_falls():
     assert float(g_quad) == pytest.approx(float(g), rel=1e-9)
     history = ridge_tuning.run(steps=6, verbose=False)
     assert history[-1][1] < 0.8 * history[0][1]
+
+
+import portfolio  # noqa: E402
+
+
+def test_portfolio_gradient_matches_finite_differences(tmp_path):
+    out = tmp_path / "portfolio.png"
+    res = portfolio.main(8, str(out))
+    assert out.stat().st_size > 1000
+    for k in (2, 5):
+        fd = portfolio.finite_difference(float(res["sigma"][k]))
+        assert res["grad"][k] == pytest.approx(fd, rel=1e-6, abs=1e-9)
+    # on the training window the derivative is the risk constraint's shadow price
+    h = 1e-5
+    train, _ = portfolio.data()
+    mu, L = portfolio.estimates(train)
+    m, _, sigma_max, _ = portfolio.portfolio_model(mu, L)
+    values = []
+    for s in (res["sigma"][3] + h, res["sigma"][3] - h):
+        m.set_parameter_value(sigma_max, s)
+        m.optimize()
+        values.append(m.objective_value)
+    assert res["shadow_price"][3] == pytest.approx((values[0] - values[1]) / (2 * h), rel=1e-6)
+    assert np.allclose(res["weights"].sum(axis=1), 1.0) and (res["weights"] > -1e-9).all()

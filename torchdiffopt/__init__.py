@@ -8,8 +8,9 @@ from .errors import (DegenerateSolutionWarning, DifferentiationError, Infeasible
                      NonconvexError, SolverError, UnboundedError)
 from . import functional
 from .layer import Layer
-from .modeling import (CoefficientFunction, ConstraintRef, Expression, Model, Parameter,
-                       Variable, cos, dot, exp, log, sin, sqrt, sum, sum_squares)
+from .modeling import (PSD, SOC, CoefficientFunction, ConstraintRef, ExpCone, Expression, Model,
+                       Parameter, PowerCone, RotatedSOC, Variable, cos, dot, exp, log, norm1,
+                       norm2, norm_inf, sin, sqrt, sum, sum_squares)
 
 __version__ = "0.1.0"
 
@@ -21,8 +22,9 @@ def nonlinear_diff_model(solver: str | None = None) -> Model:
 
 
 def diff_model(solver: str | None = None) -> Model:
-    """A model whose differentiation backend is picked from the problem class (the
-    quadratic KKT backend for LP and QP, the nonlinear one for nonlinear expressions)."""
+    """A model whose differentiation backend is picked from the problem class (the conic
+    backend when cones or norm atoms appear, else the quadratic KKT backend for LP and QP,
+    else the nonlinear one)."""
     return Model(solver=solver, backend="auto")
 
 
@@ -31,9 +33,17 @@ def quadratic_diff_model(solver: str | None = None) -> Model:
     return Model(solver=solver, backend="quadratic")
 
 
+def conic_diff_model(solver: str | None = "scs") -> Model:
+    """A model solved as a cone program by SCS and differentiated through the residual map
+    of its homogeneous self-dual embedding (cones, norm atoms; LPs and QPs too)."""
+    return Model(solver=solver, backend="conic")
+
+
 __all__ = [
     "CoefficientFunction", "ConstraintRef", "DegenerateSolutionWarning", "DifferentiationError",
-    "Expression", "InfeasibleError", "Layer", "Model", "NonconvexError", "Parameter", "SolverError",
-    "UnboundedError", "Variable", "cos", "diff_model", "dot", "exp", "functional", "log",
-    "nonlinear_diff_model", "quadratic_diff_model", "sin", "sqrt", "sum", "sum_squares",
+    "ExpCone", "Expression", "InfeasibleError", "Layer", "Model", "NonconvexError", "PSD",
+    "Parameter", "PowerCone", "RotatedSOC", "SOC", "SolverError", "UnboundedError", "Variable",
+    "conic_diff_model", "cos", "diff_model", "dot", "exp", "functional", "log",
+    "nonlinear_diff_model", "norm1", "norm2", "norm_inf", "quadratic_diff_model", "sin", "sqrt",
+    "sum", "sum_squares",
 ]

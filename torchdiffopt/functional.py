@@ -4,6 +4,9 @@
 the argument order, which follows the problem's statement below — that also accepts LPs
 (``P`` zero or positive semidefinite), returns multipliers on request, and sums (not
 averages) the gradients of inputs broadcast over the batch.
+
+``conic(A, b, c, cones)`` (:mod:`torchdiffopt.conic_function`) solves and differentiates a
+cone program in SCS's form, a drop-in for diffcp / cvxpylayers on raw data.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .conic_function import conic
 from .qp_function import QPSolve, QPStructure, SolveCall, failure_error
 
 _F64 = torch.float64
@@ -79,4 +83,4 @@ def qp(P, q, A=None, b=None, G=None, h=None, *, lb=None, ub=None, solver=None,
     return tuple(out) if return_duals else out[0]
 
 
-__all__ = ["qp"]
+__all__ = ["conic", "qp"]

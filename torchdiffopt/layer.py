@@ -1,4 +1,4 @@
-"""The torch layer: a parametric LP/QP as a differentiable, batched ``nn.Module``.
+"""The torch layer: a parametric optimization problem as a differentiable, batched ``nn.Module``.
 
 ``Layer(model, parameters=[θ₁, …], outputs=[x, con, model.objective])`` maps parameter
 tensors to the optimal primal values, duals (shadow prices) and optimal value. The map is
@@ -12,6 +12,10 @@ call shared by ``backward``, ``jvp``, every ``torch.func`` transform and
 
 Batching: a parameter tensor with one more leading dimension than the parameter's shape is
 batched; the others broadcast, and their gradient is the **sum** over the batch.
+
+The nonlinear and conic backends solve member by member through their pipeline
+(:mod:`torchdiffopt.nlp_function`): torch differentiates nothing there, the pipeline's
+reverse and forward operations give the parameters' cotangents and tangents directly.
 """
 
 from __future__ import annotations
@@ -21,15 +25,15 @@ import torch
 from .modeling.expressions import Parameter, Variable
 from .modeling.model import ConstraintRef, Model, ObjectiveRef
 from .nlp_function import NLPCall, NLPSolve
-from .pipelines import NonlinearPipeline, QuadraticPipeline, pipeline_for
+from .pipelines import ConicPipeline, NonlinearPipeline, pipeline_for
 from .qp_function import QPSolve, QPStructure, SolveCall, failure_error
 
 _F64 = torch.float64
 
 
 class Layer(torch.nn.Module):
-    """An optimization problem (LP, convex QP, or smooth NLP) as a differentiable function of
-    some of its parameters.
+    """An optimization problem (LP, convex QP, cone program, or smooth NLP) as a
+    differentiable function of some of its parameters.
 
     Args:
         model: the :class:`~torchdiffopt.Model` (its structure is compiled once, here).
@@ -39,11 +43,13 @@ class Layer(torch.nn.Module):
             convention) and ``model.objective`` (optimal value). One output returns a tensor,
             several a tuple.
         solver: ``"highs"``, ``"scs"``, ``"qpth"`` (batched, CPU or CUDA, strictly convex QPs)
-            or ``None``/``"auto"`` for the quadratic backend; the nonlinear backend uses SLSQP.
-        backend: ``"quadratic"``, ``"nonlinear"`` or ``None`` (the model's: ``"auto"`` picks by
-            the problem class). The nonlinear backend solves members one after the other and
-            supports ``backward``, forward-mode AD, ``vmap`` and :meth:`jacobian`; the other
-            ``torch.func`` transforms need the quadratic backend.
+            or ``None``/``"auto"`` for the quadratic backend; the nonlinear backend uses SLSQP,
+            the conic backend SCS.
+        backend: ``"quadratic"``, ``"nonlinear"``, ``"conic"`` or ``None`` (the model's:
+            ``"auto"`` picks by the problem class). The nonlinear and conic backends solve
+            members one after the other (with the model's solver) and support ``backward``,
+            forward-mode AD, ``vmap`` and :meth:`jacobian`; the other ``torch.func``
+            transforms need the quadratic backend.
         n_jobs: threads for per-instance CPU solvers (default: the CPU count).
         on_failure: ``"raise"`` (a named error listing the failed batch members) or ``"nan"``
             (failed members give NaN outputs and zero gradients; the rest of the batch goes on).
@@ -56,9 +62,9 @@ class Layer(torch.nn.Module):
     def __init__(self, model: Model, parameters, outputs, solver=None, backend=None,
                  n_jobs=None, on_failure="raise"):
         super().__init__()
-        if backend not in (None, "auto", "quadratic", "nonlinear"):
+        if backend not in (None, "auto", "quadratic", "nonlinear", "conic"):
             raise ValueError(f"unknown backend {backend!r}; available: 'quadratic', "
-                             "'nonlinear', 'auto'")
+                             "'nonlinear', 'conic', 'auto'")
         if on_failure not in ("raise", "nan"):
             raise ValueError("on_failure must be 'raise' or 'nan'")
         solver = model.solver if solver is None else solver
@@ -75,14 +81,12 @@ class Layer(torch.nn.Module):
             if not isinstance(o, (Variable, ConstraintRef, ObjectiveRef)) or o.model is not model:
                 raise ValueError(f"{o!r} is not a variable, constraint or objective of this model")
         self._single = not isinstance(outputs, (list, tuple))
-        if backend in (None, "auto"):
-            pipeline = pipeline_for(model)
-        else:
-            pipeline = (NonlinearPipeline if backend == "nonlinear" else QuadraticPipeline)(model)
+        pipeline = pipeline_for(model, backend)
         self.nonlinear = isinstance(pipeline, NonlinearPipeline)
+        self.memberwise = isinstance(pipeline, (NonlinearPipeline, ConicPipeline))
         self.pipeline = pipeline
         self.form = pipeline.form
-        if not self.nonlinear:
+        if not self.memberwise:
             probe = self.form.data({p: torch.as_tensor(p.value, dtype=_F64)
                                     for p in self.form.parameters})
             self.structure = QPStructure(
@@ -146,7 +150,7 @@ class Layer(torch.nn.Module):
 
     def _solve(self, theta, B, device):
         """Solve the batch: ``(call, x, μ, f)`` (internal sign conventions)."""
-        if self.nonlinear:
+        if self.memberwise:
             call = NLPCall(self.pipeline)
             members = [t if t.dim() > p.ndim else t.unsqueeze(0).expand(B, *p.shape)
                        for p, t in zip(self.form.parameters, theta)]
@@ -203,8 +207,8 @@ class Layer(torch.nn.Module):
                 directions.append(tuple(tangent))
         with torch.no_grad():
             call, _, _, _ = self._solve(theta, B, device)
-            if self.nonlinear:
-                dx, dmu, df = self._nonlinear_directions(call, directions, B, device)
+            if self.memberwise:
+                dx, dmu, df = self._memberwise_directions(call, directions, B, device)
             else:
                 tangents = [self._batched(self.form.data_jvp(theta, d), B, device)
                             for d in directions]
@@ -223,7 +227,7 @@ class Layer(torch.nn.Module):
             result.append(row)
         return result
 
-    def _nonlinear_directions(self, call, directions, B, device):
+    def _memberwise_directions(self, call, directions, B, device):
         """``(dx, dμ, df)`` of shape ``(B, D, …)``: each member's stored factorization, one
         solve per direction."""
         n, m, D = self.form.n, self.form.m, len(directions)

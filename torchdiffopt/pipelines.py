@@ -12,7 +12,11 @@ Each pipeline compiles a model once and offers the same four operations on the *
 * ``rows_of(constraint)``: the constraint's rows.
 
 :class:`QuadraticPipeline` goes through the problem data ``D(θ)`` (the quadratic form);
-:class:`NonlinearPipeline` through torch callables ``f(x; θ)``, ``g(x; θ)``.
+:class:`NonlinearPipeline` through torch callables ``f(x; θ)``, ``g(x; θ)``;
+:class:`ConicPipeline` through the cone program's data ``(P, c, r, A, b)(θ)``
+(:mod:`torchdiffopt.compile.conic`), whose rows map to the user's by a fixed matrix ``T``:
+its multipliers ``μ = -Tᵀy`` and the functional API's data live on the user's rows, in the
+same conventions as the quadratic backend's.
 """
 
 from __future__ import annotations
@@ -24,14 +28,17 @@ import scipy.sparse as sp
 import torch
 from torch.func import grad, jacrev
 
+from .backends.conic import ConicDerivative
 from .backends.nonlinear import NonlinearKKT
-from .backends.quadratic import DataTangent
+from .backends.quadratic import DataCotangent, DataTangent, check_convex
+from .compile.conic import ConicForm, is_conic
 from .compile.nonlinear import NonlinearForm
 from .compile.quadratic import QuadraticForm
 from .modeling.expressions import Evaluator, ValueEvaluator
 from .qp_function import solve_and_certify
 from .solvers import NumericQP
 from .solvers.nlp import solve_slsqp
+from .solvers.scs_conic import solve_scs_conic
 
 
 @dataclass
@@ -73,48 +80,80 @@ class QuadraticPipeline:
     def forward(self, solved: Solved, directions, objective_tangents, constraint_tangents):
         form, data = self.form, solved.data
         n, m = form.n, form.m
-        dP, dq, dr = sp.csr_matrix((n, n)), np.zeros(n), 0.0
-        dC, dc0 = sp.csr_matrix((m, n)), np.zeros(m)
+        t = functional_tangent(form, solved.theta, n, objective_tangents, constraint_tangents)
         if directions is not None:
-            tP, tq, tr, tC, tc0 = (t.numpy() for t in form.data_jvp(solved.theta, directions))
-            dP = dP + sp.csr_matrix((tP, (data.P_rows, data.P_cols)), shape=(n, n))
-            dq, dr = dq + tq, dr + float(tr)
-            dC = dC + sp.csr_matrix((tC, (data.C_rows, data.C_cols)), shape=(m, n))
-            dc0 = dc0 + tc0
-        ev = Evaluator(dict(zip(form.parameters, solved.theta)))
-        sign = form.objective_sign
-        for expr in objective_tangents:
-            canon = ev.canon(expr.sum() if expr.shape else expr)
-            i, j = canon.quad.vars
-            v = canon.quad.vals.numpy()
-            dP = dP + sign * sp.csr_matrix(
-                (np.concatenate((v, v)), (np.concatenate((i, j)), np.concatenate((j, i)))),
-                shape=(n, n))
-            dq = dq + sign * np.bincount(canon.lin.vars[0], canon.lin.vals.numpy(), minlength=n)
-            dr += sign * float(canon.const.sum())
-        for constraint, expr in constraint_tangents:
-            rows = form.rows_of(constraint).ravel()
-            canon = ev.broadcast(expr, tuple(constraint.shape))
-            dC = dC + sp.csr_matrix(
-                (canon.lin.vals.numpy(), (rows[canon.lin.rows], canon.lin.vars[0])), shape=(m, n))
-            np.add.at(dc0, rows, canon.const.numpy())
-        return solved.kkt.jvp(DataTangent(dP, dq, dr, dC, dc0))
+            tP, tq, tr, tC, tc0 = (v.numpy() for v in form.data_jvp(solved.theta, directions))
+            t.dP = t.dP + sp.csr_matrix((tP, (data.P_rows, data.P_cols)), shape=(n, n))
+            t.dq, t.dr = t.dq + tq, t.dr + float(tr)
+            t.dC = t.dC + sp.csr_matrix((tC, (data.C_rows, data.C_cols)), shape=(m, n))
+            t.dc0 = t.dc0 + tc0
+        return solved.kkt.jvp(t)
 
     def reverse(self, solved: Solved, x_bar, mu_bar, f_bar):
-        form, data = self.form, solved.data
+        data = solved.data
         cot = solved.kkt.vjp(x_bar, mu_bar, f_bar)
-        if not form.parameters:
-            return (), cot
-        theta = tuple(t.detach().clone().requires_grad_(True) for t in solved.theta)
-        with torch.enable_grad():
-            values = form.data_values(*theta)
         bars = (cot.P_at(data.P_rows, data.P_cols), cot.q, np.array(cot.r),
                 cot.C_at(data.C_rows, data.C_cols), cot.c0)
-        pairs = [(v, torch.as_tensor(b, dtype=v.dtype).reshape(v.shape))
-                 for v, b in zip(values, bars) if v.requires_grad]
-        grads = (torch.autograd.grad([v for v, _ in pairs], theta, [b for _, b in pairs],
-                                     allow_unused=True) if pairs else [None] * len(theta))
-        return tuple(torch.zeros_like(t) if g is None else g for t, g in zip(theta, grads)), cot
+        return parameter_cotangents(self.form, solved.theta, bars), cot
+
+
+class ConicPipeline:
+    """Cone programs (and LPs, QPs): ``(P, c, r, A, b)(θ)`` → SCS →
+    :class:`~torchdiffopt.backends.conic.ConicDerivative` (refined, factorized once)."""
+
+    def __init__(self, model):
+        if model.solver not in ("auto", "scs"):
+            raise ValueError(f"the conic backend solves with SCS: solver='scs' or 'auto', got "
+                             f"{model.solver!r}")
+        self.model = model
+        self.form = ConicForm(model)
+
+    def rows_of(self, constraint) -> np.ndarray:
+        return self.form.rows_of(constraint)
+
+    def solve(self, theta: tuple) -> Solved:
+        form = self.form
+        data = form.data(dict(zip(form.parameters, theta)))
+        A, P = data.A_matrix(), data.P_matrix()
+        b, c = data.b.detach().numpy().copy(), data.c.detach().numpy().copy()
+        if P is not None:
+            check_convex(P, form.objective_sign < 0)
+        sol = solve_scs_conic(A, b, c, data.cones, P)
+        deriv = ConicDerivative(A, b, c, data.cones, sol.x, sol.y, sol.s, P)
+        x = deriv.x
+        value = c @ x + float(data.r) + (0.0 if P is None else 0.5 * x @ (P @ x))
+        return Solved(theta, x[:form.n], -(data.T.T @ deriv.y), float(value), deriv, data)
+
+    def forward(self, solved: Solved, directions, objective_tangents, constraint_tangents):
+        form, data, deriv = self.form, solved.data, solved.kkt
+        N = data.n_total
+        t = functional_tangent(form, solved.theta, N, objective_tangents, constraint_tangents)
+        dP, dc, dr = t.dP, t.dq, t.dr
+        dA, db = -(data.T @ t.dC), data.T @ t.dc0
+        if directions is not None:
+            tP, tc, tr, tA, tb = (v.numpy() for v in form.data_jvp(solved.theta, directions,
+                                                                    nestable=True))
+            dP = dP + sp.csr_matrix((tP, (data.P_rows, data.P_cols)), shape=(N, N))
+            dc, dr = dc + tc, dr + float(tr)
+            dA = dA + sp.csr_matrix((tA, (data.A_rows, data.A_cols)), shape=dA.shape)
+            db = db + tb
+        dx, dy, _ = deriv.jvp(sp.csr_matrix(dA), db, dc, sp.csr_matrix(dP))
+        x, y = deriv.x, deriv.y
+        # envelope theorem on L = ½xᵀPx + cᵀx + r + yᵀ(Ax + s - b)
+        df = 0.5 * x @ (dP @ x) + dc @ x + dr + y @ (dA @ x - db)
+        return dx[:form.n], -(data.T.T @ dy), float(df)
+
+    def reverse(self, solved: Solved, x_bar, mu_bar, f_bar):
+        data, deriv = solved.data, solved.kkt
+        x, y = deriv.x, deriv.y
+        x_bar = np.concatenate((x_bar, np.zeros(data.n_total - len(x_bar))))
+        r1, r2 = deriv.adjoint(x_bar, -(data.T @ mu_bar))
+        # the user rows' cotangents in the quadratic backend's form: u = r₁, v = Tᵀr₂
+        cot = DataCotangent(x, solved.mu, r1, data.T.T @ r2, float(f_bar))
+        bars = (cot.P_at(data.P_rows, data.P_cols), cot.q, np.array(cot.r),
+                y[data.A_rows] * cot.q[data.A_cols] - r2[data.A_rows] * x[data.A_cols],
+                r2 - f_bar * y)
+        return parameter_cotangents(self.form, solved.theta, bars), cot
 
 
 class NonlinearPipeline:
@@ -182,13 +221,64 @@ class NonlinearPipeline:
         return solved.kkt.vjp(x_bar, mu_bar, f_bar)
 
 
-def pipeline_for(model):
-    """The pipeline of the model's backend (``"auto"``: quadratic for LP/QP, nonlinear when
-    the objective is not quadratic or a constraint not affine)."""
-    backend = model.backend
+def functional_tangent(form, theta: tuple, n: int, objective_tangents,
+                       constraint_tangents) -> DataTangent:
+    """The tangent of the internal data seeded by the functional API, over ``n`` variables
+    and the user's rows: objective tangents (internal sign) and constraint-function tangents
+    ``(dC, dc0)``."""
+    m = form.m
+    dP, dq, dr = sp.csr_matrix((n, n)), np.zeros(n), 0.0
+    dC, dc0 = sp.csr_matrix((m, n)), np.zeros(m)
+    ev = Evaluator(dict(zip(form.parameters, theta)))
+    sign = form.objective_sign
+    for expr in objective_tangents:
+        canon = ev.canon(expr.sum() if expr.shape else expr)
+        i, j = canon.quad.vars
+        v = canon.quad.vals.numpy()
+        dP = dP + sign * sp.csr_matrix(
+            (np.concatenate((v, v)), (np.concatenate((i, j)), np.concatenate((j, i)))),
+            shape=(n, n))
+        dq = dq + sign * np.bincount(canon.lin.vars[0], canon.lin.vals.numpy(), minlength=n)
+        dr += sign * float(canon.const.sum())
+    for constraint, expr in constraint_tangents:
+        rows = form.rows_of(constraint).ravel()
+        canon = ev.broadcast(expr, tuple(constraint.shape))
+        dC = dC + sp.csr_matrix(
+            (canon.lin.vals.numpy(), (rows[canon.lin.rows], canon.lin.vars[0])), shape=(m, n))
+        np.add.at(dc0, rows, canon.const.numpy())
+    return DataTangent(dP, dq, dr, dC, dc0)
+
+
+def parameter_cotangents(form, theta: tuple, bars: tuple) -> tuple:
+    """``θ̄ = (∂D/∂θ)ᵀ D̄`` by torch autograd through ``form.data_values``, for the cotangents
+    ``bars`` of the data values (zeros for parameters the data do not depend on)."""
+    if not form.parameters:
+        return ()
+    theta = tuple(t.detach().clone().requires_grad_(True) for t in theta)
+    with torch.enable_grad():
+        values = form.data_values(*theta)
+    pairs = [(v, torch.as_tensor(b, dtype=v.dtype).reshape(v.shape))
+             for v, b in zip(values, bars) if v.requires_grad]
+    grads = (torch.autograd.grad([v for v, _ in pairs], theta, [b for _, b in pairs],
+                                 allow_unused=True) if pairs else [None] * len(theta))
+    return tuple(torch.zeros_like(t) if g is None else g for t, g in zip(theta, grads))
+
+
+PIPELINES = {"quadratic": QuadraticPipeline, "nonlinear": NonlinearPipeline,
+             "conic": ConicPipeline}
+
+
+def pipeline_for(model, backend: str | None = None):
+    """The pipeline of ``backend`` (default: the model's). ``"auto"``: conic when a cone
+    constraint or a norm atom appears, else quadratic for LP/QP, else nonlinear (the
+    objective is not quadratic or a constraint not affine)."""
+    backend = model.backend if backend is None else backend
     if backend == "auto":
-        nonlinear = (model.objective_expression is not None
-                     and model.objective_expression.degree > 2) or any(
-            c.relation.expression.degree > 1 for c in model.constraints)
-        backend = "nonlinear" if nonlinear else "quadratic"
-    return NonlinearPipeline(model) if backend == "nonlinear" else QuadraticPipeline(model)
+        if is_conic(model):
+            backend = "conic"
+        else:
+            nonlinear = (model.objective_expression is not None
+                         and model.objective_expression.degree > 2) or any(
+                c.relation.expression.degree > 1 for c in model.constraints)
+            backend = "nonlinear" if nonlinear else "quadratic"
+    return PIPELINES[backend](model)

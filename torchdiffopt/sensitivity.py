@@ -1,7 +1,7 @@
 """The DiffOpt-style sensitivity API behind :class:`~torchdiffopt.Model`.
 
-The model's pipeline (:mod:`torchdiffopt.pipelines`: quadratic or nonlinear backend) solves
-it and factorizes its optimality system once; then
+The model's pipeline (:mod:`torchdiffopt.pipelines`: quadratic, conic or nonlinear backend)
+solves it and factorizes its optimality system once; then
 
 * forward mode: parameter directions ``dθ`` and functional seeds
   (``set_forward_*_function``, raw tangents of the problem's functions) are pushed through

@@ -190,6 +190,13 @@ def _tri(d: int):
     return rows, cols, scale
 
 
+def svec_entries(d: int):
+    """``(rows, cols, scale)`` of the :func:`svec` entries of a ``d × d`` matrix: entry ``k``
+    is ``scale[k] · ½(X[rows[k], cols[k]] + X[cols[k], rows[k]])`` (lower triangle, column by
+    column; scale 1 on the diagonal, √2 off it)."""
+    return _tri(d)
+
+
 def psd_order(length: int) -> int:
     """The matrix order ``d`` of an svec of ``length = d(d+1)/2`` entries."""
     d = int(round((math.sqrt(8 * length + 1) - 1) / 2))

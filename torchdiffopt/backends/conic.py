@@ -279,14 +279,11 @@ class ConicDerivative:
         out = (du.T, Ddv.T, (Ddv - dv).T)
         return out if k else tuple(o[0] for o in out)
 
-    def vjp(self, dx=None, dy=None, ds=None):
-        """Reverse mode: the cotangents of the data for cotangents ``(dx, dy, ds)`` of the
-        solution (any of them None for zero; each may carry a leading dimension of ``k``).
-
-        Returns ``(dA, db, dc)``, and ``(dA, db, dc, dP)`` when the object was built with
-        ``P`` (``dP`` symmetric). ``dA`` is dense when ``A`` was given dense; when ``A`` is
-        sparse it is the cotangent of ``A``'s stored entries, as a sparse matrix of ``A``'s
-        pattern (a list of them for ``k`` cotangents)."""
+    def adjoint(self, dx=None, dy=None, ds=None):
+        """The adjoint vectors ``(r₁, r₂)`` of cotangents ``(dx, dy, ds)`` of the solution
+        (module docstring; shapes ``(n,)``, ``(m,)``, or ``(k, n)``, ``(k, m)`` for ``k``
+        cotangents): the data cotangents are ``c̄ = r₁``, ``b̄ = r₂``, ``Ā = y r₁ᵀ - r₂ xᵀ``,
+        ``P̄ = ½(r₁xᵀ + x r₁ᵀ)``, which can be read at any entries (:meth:`vjp` forms them)."""
         k = _directions(dx, 2) or _directions(dy, 2) or _directions(ds, 2)
         K = k or 1
 
@@ -297,7 +294,19 @@ class ConicDerivative:
         xb, yb, sb = rows(dx, self.n), rows(dy, self.m), rows(ds, self.m)
         zv = self._D.matvec((yb + sb).T) - sb.T
         r1, r2 = self._split_solve(np.concatenate((xb.T, zv)), True)
-        r1, r2 = r1.T, r2.T  # (K, n), (K, m)
+        return (r1.T, r2.T) if k else (r1[:, 0], r2[:, 0])
+
+    def vjp(self, dx=None, dy=None, ds=None):
+        """Reverse mode: the cotangents of the data for cotangents ``(dx, dy, ds)`` of the
+        solution (any of them None for zero; each may carry a leading dimension of ``k``).
+
+        Returns ``(dA, db, dc)``, and ``(dA, db, dc, dP)`` when the object was built with
+        ``P`` (``dP`` symmetric). ``dA`` is dense when ``A`` was given dense; when ``A`` is
+        sparse it is the cotangent of ``A``'s stored entries, as a sparse matrix of ``A``'s
+        pattern (a list of them for ``k`` cotangents)."""
+        k = _directions(dx, 2) or _directions(dy, 2) or _directions(ds, 2)
+        K = k or 1
+        r1, r2 = (r.reshape(K, -1) for r in self.adjoint(dx, dy, ds))  # (K, n), (K, m)
         x, y = self.x, self.y
         if self._sparse_A:
             coo = self.A.tocoo()

@@ -1,12 +1,17 @@
 """What every compiled form shares: the model's sizes, parameters, objective sense, and the
-layout of its constraint rows (each constraint's rows, in order, with their senses)."""
+layout of its constraint rows (each constraint's rows, in order, with their senses); and, for
+the forms whose data ``D(θ)`` is a tuple of tensors, the data map's forward-mode tangents."""
 
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.autograd.forward_ad as fwAD
 
 #: row sense codes: ``lhs - rhs`` in {0}, [0, ∞) or (-∞, 0]
 SENSE_CODES = {"==": 0, ">=": 1, "<=": -1}
+#: sense code of the rows of a cone constraint (:mod:`torchdiffopt.modeling.sets`)
+CONE = 2
 
 
 class ModelLayout:
@@ -24,7 +29,8 @@ class ModelLayout:
         for con in self.constraints:
             size = con.relation.expression.size
             self.row_offsets[con] = offset
-            senses.append(np.full(size, SENSE_CODES[con.relation.sense], dtype=np.int8))
+            senses.append(np.full(size, SENSE_CODES.get(con.relation.sense, CONE),
+                                  dtype=np.int8))
             offset += size
         self.m = offset
         self.sense = np.concatenate(senses) if senses else np.zeros(0, dtype=np.int8)
@@ -33,3 +39,49 @@ class ModelLayout:
     def rows_of(self, constraint) -> np.ndarray:
         """Row indices belonging to a constraint reference (or a view of one)."""
         return self.row_offsets[constraint.root] + constraint.local_rows
+
+    def reject_cones(self, backend: str) -> None:
+        """Raise for cone constraints, which only the conic backend takes."""
+        for con in self.constraints:
+            if con.relation.sense not in SENSE_CODES:
+                raise ValueError(
+                    f"constraint {con.name!r} is a {con.relation.sense} cone: the {backend} "
+                    "backend takes no cones; use backend='conic' or 'auto' "
+                    "(tdo.conic_diff_model, tdo.diff_model)")
+
+
+class DataForm(ModelLayout):
+    """A compiled form whose data ``D(θ) = data(θ).values()`` is a tuple of tensors."""
+
+    def data(self, parameter_values: dict):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def data_values(self, *parameter_tensors: torch.Tensor) -> tuple:
+        """``data(θ).values()`` as a pure function of the parameter tensors (for torch.func)."""
+        return self.data(dict(zip(self.parameters, parameter_tensors))).values()
+
+    def data_jvp(self, theta: tuple, directions: tuple, nestable: bool = False) -> tuple:
+        """Tangents ``(∂D/∂θ) dθ`` of :meth:`data_values`; zeros for values that do not depend
+        on θ. By forward-mode AD (dual numbers), or with ``nestable=True`` by the
+        double-backward trick (reverse mode twice, about twice the cost), which also runs
+        inside an active forward-mode level (a layer's ``jvp``), where forward AD cannot nest."""
+        if not nestable:
+            with fwAD.dual_level():
+                duals = tuple(fwAD.make_dual(t, d) for t, d in zip(theta, directions))
+                values = self.data_values(*duals)
+                tangents = [fwAD.unpack_dual(v).tangent for v in values]
+        else:
+            theta = tuple(t.detach().requires_grad_(True) for t in theta)
+            with torch.enable_grad():
+                values = self.data_values(*theta)
+                live = [v for v in values if v.requires_grad]
+                dummies = [torch.zeros_like(v, requires_grad=True) for v in live]
+                vjps = torch.autograd.grad(live, theta, dummies, create_graph=True,
+                                           allow_unused=True) if live else ()
+                inner = sum(((g * d).sum() for g, d in zip(vjps, directions) if g is not None),
+                            torch.zeros((), dtype=values[0].dtype))
+                jvps = iter(torch.autograd.grad(inner, dummies, allow_unused=True)
+                            if inner.requires_grad else [None] * len(live))
+            tangents = [next(jvps) if v.requires_grad else None for v in values]
+        return tuple((torch.zeros_like(v) if t is None else t).detach()
+                     for v, t in zip(values, tangents))

@@ -22,6 +22,10 @@ from .layout import ModelLayout
 class NonlinearForm(ModelLayout):
     """The compiled structure of a model for the nonlinear backend."""
 
+    def __init__(self, model):
+        super().__init__(model)
+        self.reject_cones("nonlinear")
+
     def _evaluator(self, x, theta) -> ValueEvaluator:
         return ValueEvaluator(x, dict(zip(self.parameters, theta)))
 

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 import torch
-import torch.autograd.forward_ad as fwAD
 
-from ..modeling.canonical import cat_last, scatter_add_last
+from ..modeling.atoms import atoms_in
+from ..modeling.canonical import Canon, cat_last, scatter_add_last
 from ..modeling.expressions import Evaluator
-from .layout import ModelLayout
+from .layout import DataForm
 
 
 @dataclass
@@ -64,7 +64,20 @@ class QuadraticData:
         )
 
 
-class QuadraticForm(ModelLayout):
+def quadratic_objective(obj: Canon | None, sign: float, n: int, dtype=torch.float64):
+    """``(P_rows, P_cols, P_vals, q, r)`` of ``sign · obj`` over ``n`` variables, with
+    ``Σ v x_i x_j = ½ xᵀPx`` (``P_ij += v`` and ``P_ji += v``); zeros for no objective."""
+    if obj is None:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, torch.zeros(0, dtype=dtype), torch.zeros(n, dtype=dtype), \
+            torch.zeros((), dtype=dtype)
+    i, j = obj.quad.vars
+    return (np.concatenate((i, j)), np.concatenate((j, i)),
+            sign * torch.cat((obj.quad.vals, obj.quad.vals), dim=-1),
+            sign * scatter_add_last(obj.lin.vals, obj.lin.vars[0], n), sign * obj.const[..., 0])
+
+
+class QuadraticForm(DataForm):
     """The compiled structure of a model: variable count, constraint rows, objective sense.
 
     Built once per model structure; :meth:`data` evaluates it for any parameter tensors.
@@ -72,6 +85,12 @@ class QuadraticForm(ModelLayout):
 
     def __init__(self, model):
         super().__init__(model)
+        self.reject_cones("quadratic")
+        if atoms_in([self.objective_expression]
+                    + [c.relation.expression for c in self.constraints]):
+            raise ValueError("norm atoms (norm2, norm1, norm_inf) are reformulated with cones by "
+                             "the conic backend: use backend='conic' or 'auto' "
+                             "(tdo.conic_diff_model, tdo.diff_model)")
         for con in self.constraints:
             expr = con.relation.expression
             if expr.degree > 1:
@@ -85,22 +104,9 @@ class QuadraticForm(ModelLayout):
         """Evaluate ``P, q, r, C, c0`` for ``parameter_values`` (Parameter → tensor)."""
         ev = Evaluator(parameter_values)
         dtype = ev.dtype
-        sign = float(self.objective_sign)
         obj = None if self.objective_expression is None else ev.canon(self.objective_expression)
-        if obj is None:
-            zero = torch.zeros(1, dtype=dtype)
-            q = torch.zeros(self.n, dtype=dtype)
-            r = zero[0]
-            P_rows = P_cols = np.zeros(0, dtype=np.int64)
-            P_vals = torch.zeros(0, dtype=dtype)
-        else:
-            q = sign * scatter_add_last(obj.lin.vals, obj.lin.vars[0], self.n)
-            r = sign * obj.const[..., 0]
-            i, j = obj.quad.vars
-            # Σ v x_i x_j = ½ xᵀ P x with P_ij += v and P_ji += v
-            P_rows = np.concatenate((i, j))
-            P_cols = np.concatenate((j, i))
-            P_vals = sign * torch.cat((obj.quad.vals, obj.quad.vals), dim=-1)
+        P_rows, P_cols, P_vals, q, r = quadratic_objective(obj, float(self.objective_sign),
+                                                           self.n, dtype)
         row_parts, col_parts, val_parts, const_parts = [], [], [], []
         for con in self.constraints:
             canon = ev.canon(con.relation.expression)
@@ -122,17 +128,3 @@ class QuadraticForm(ModelLayout):
             self.n, self.m, P_rows, P_cols, P_vals, q, r, C_rows, C_cols, C_vals, c0,
             self.sense, self.lb, self.ub,
         )
-
-    def data_values(self, *parameter_tensors: torch.Tensor) -> tuple:
-        """``data(θ).values()`` as a pure function of the parameter tensors (for torch.func)."""
-        return self.data(dict(zip(self.parameters, parameter_tensors))).values()
-
-    def data_jvp(self, theta: tuple, directions: tuple) -> tuple:
-        """Tangents ``(∂D/∂θ) dθ`` of :meth:`data_values` by forward-mode AD (dual numbers);
-        zeros for values that do not depend on θ."""
-        with fwAD.dual_level():
-            duals = tuple(fwAD.make_dual(t, d) for t, d in zip(theta, directions))
-            values = self.data_values(*duals)
-            tangents = [fwAD.unpack_dual(v).tangent for v in values]
-            return tuple((torch.zeros_like(v) if t is None else t).detach()
-                         for v, t in zip(values, tangents))

@@ -105,6 +105,18 @@ def concat_terms(a: Terms, b: Terms) -> Terms:
     )
 
 
+def stack(canons) -> "Canon":
+    """The entries of several coefficient forms one after the other (a concatenation)."""
+    canons = list(canons)
+    size = sum(c.size for c in canons)
+    out, offset = None, 0
+    for c in canons:
+        placed = c.reduce(np.arange(offset, offset + c.size, dtype=_INDEX), size)
+        out = placed if out is None else out + placed
+        offset += c.size
+    return out
+
+
 @dataclass
 class Canon:
     """Coefficient form of an expression of ``size`` entries (see the module docstring)."""

@@ -23,7 +23,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .canonical import Canon
+from .canonical import Canon, stack
 
 _ids = itertools.count()
 
@@ -148,6 +148,17 @@ class Expression:
 
     def __bool__(self):
         raise TypeError("an expression has no truth value; did you mean a constraint?")
+
+    @property
+    def children(self) -> tuple:
+        """The sub-expressions this node is built from (its expression-valued attributes)."""
+        out = []
+        for value in vars(self).values():
+            if isinstance(value, Expression):
+                out.append(value)
+            elif isinstance(value, tuple):
+                out.extend(v for v in value if isinstance(v, Expression))
+        return tuple(out)
 
 
 class Relation:
@@ -403,6 +414,22 @@ class MatMul(Expression):
         return ev.canon(prod.reshape(self.shape))
 
 
+class Concat(Expression):
+    """The entries of several expressions (each flattened row-major), one after the other:
+    a vector of their total size."""
+
+    def __init__(self, parts):
+        self.parts = tuple(as_expression(p) for p in parts)
+        self.shape = (int(np.sum([p.size for p in self.parts], dtype=np.int64)),)
+        self.degree = max((p.degree for p in self.parts), default=0)
+
+    def _canon(self, ev):
+        return stack([ev.canon(p) for p in self.parts])
+
+    def _value(self, ev):
+        return torch.cat([ev.value(p).reshape(-1) for p in self.parts])
+
+
 def _data_matmul(ev: "Evaluator", m: Expression, e: Expression) -> Canon:
     """``M @ E`` with ``M`` free of variables; only stored entries of a sparse constant
     ``M`` are visited, so a scipy.sparse matrix of 10⁴ × 10⁴ costs its nonzeros only."""
@@ -463,6 +490,13 @@ class Evaluator:
         if key not in self._memo:
             self._memo[key] = (expr, expr._canon(self))
         return self._memo[key][1]
+
+    def atom(self, atom: Expression) -> Canon:
+        """Coefficient form of a convex atom (``norm2`` …, :mod:`.atoms`). Only the conic
+        compiler has one (an epigraph variable, :mod:`torchdiffopt.compile.conic`)."""
+        raise ValueError(
+            f"{atom.name}(...) is a convex atom that the conic backend reformulates with cones: "
+            "use backend='conic' or 'auto' (tdo.conic_diff_model, tdo.diff_model)")
 
     def broadcast(self, expr: Expression, shape: tuple) -> Canon:
         canon = self.canon(expr)

@@ -8,16 +8,19 @@ import numpy as np
 import torch
 
 from .expressions import Expression, Parameter, Relation, ValueEvaluator, Variable, as_expression
+from .sets import PSD
 
 
-BACKENDS = ("auto", "quadratic", "nonlinear")
+BACKENDS = ("auto", "quadratic", "nonlinear", "conic")
 
 
 class ConstraintRef:
-    """A constraint ``lhs - rhs ∈ S`` of any shape; indexing gives a reference to some rows.
+    """A constraint ``lhs - rhs ∈ S`` (or ``function ∈ K`` for a cone, :mod:`.sets`) of any
+    shape; indexing gives a reference to some rows.
 
     Its dual is the shadow price ``∂(optimal objective)/∂(rhs)`` of each row, for ``minimize``
-    and ``maximize`` alike (so ``≥`` constraints of a minimization have duals ≥ 0).
+    and ``maximize`` alike (so ``≥`` constraints of a minimization have duals ≥ 0, and a cone
+    constraint's dual, shaped like the constraint, lies in the dual cone).
     """
 
     def __init__(self, model, relation: Relation, name: str, root=None, local_rows=None):
@@ -58,8 +61,10 @@ class Model:
 
     ``solver`` names the solver (``"highs"``, ``"scs"``, ``"slsqp"``; ``None`` or ``"auto"``
     picks one) and ``backend`` the differentiation backend: ``"quadratic"`` (KKT of an LP or
-    convex QP), ``"nonlinear"`` (KKT of a smooth NLP at a local solution) or ``"auto"``
-    (quadratic when the objective is at most quadratic and the constraints affine).
+    convex QP), ``"nonlinear"`` (KKT of a smooth NLP at a local solution), ``"conic"`` (the
+    residual map of a cone program, solved by SCS) or ``"auto"`` (conic when a cone
+    constraint or a norm atom appears, else quadratic when the objective is at most quadratic
+    and the constraints affine, else nonlinear).
     """
 
     def __init__(self, solver: str | None = None, backend: str = "auto"):
@@ -93,11 +98,17 @@ class Model:
         self._sensitivity.structure_changed()
 
     def variable(self, shape=(), lb=None, ub=None, name: str | None = None,
-                 start=None) -> Variable:
+                 start=None, psd: bool = False) -> Variable:
         """A block of variables of ``shape`` (``()``, ``n`` or ``(m, n)``) with optional bounds
         and start values (numbers or arrays broadcast to ``shape``; start values are used by
-        the nonlinear backend's local solver)."""
+        the nonlinear backend's local solver).
+
+        ``psd=True`` makes a square matrix variable symmetric positive semidefinite: it adds
+        the constraints ``X[i, j] == X[j, i]`` (``i > j``, named ``"<name>_symmetric"``) and
+        ``tdo.PSD(X)`` (``"<name>_psd"``), which need the conic backend."""
         shape = (int(shape),) if np.isscalar(shape) else tuple(int(s) for s in shape)
+        if psd and (len(shape) != 2 or shape[0] != shape[1]):
+            raise ValueError(f"psd=True needs a square matrix shape (n, n), got {shape}")
         var = Variable(self, self.num_variables, shape, self._name(name, "x"))
         size = var.size
         lower = np.broadcast_to(np.asarray(-np.inf if lb is None else lb, float), shape).ravel()
@@ -114,6 +125,11 @@ class Model:
         self._ub.append(upper.copy())
         self.num_variables += size
         self._changed()
+        if psd:
+            rows, cols = np.tril_indices(shape[0], -1)
+            if len(rows):
+                self.constraint(var[rows, cols] == var[cols, rows], name=f"{var.name}_symmetric")
+            self.constraint(PSD(var), name=f"{var.name}_psd")
         return var
 
     def set_start_value(self, variable: Variable, value) -> None:
@@ -149,9 +165,11 @@ class Model:
         return _unwrap(parameter.value)
 
     def constraint(self, relation: Relation, name: str | None = None) -> ConstraintRef:
-        """Add ``lhs <= rhs``, ``lhs >= rhs`` or ``lhs == rhs`` (any shape)."""
+        """Add ``lhs <= rhs``, ``lhs >= rhs`` or ``lhs == rhs`` (any shape), or a cone
+        constraint (``tdo.SOC(t, x)``, ``tdo.PSD(X)``, …, see :mod:`.sets`)."""
         if not isinstance(relation, Relation):
-            raise TypeError("constraint() takes a relation such as `A @ x <= b`")
+            raise TypeError("constraint() takes a relation such as `A @ x <= b` or a cone "
+                            "such as `tdo.SOC(t, x)`")
         ref = ConstraintRef(self, relation, self._name(name, "c"))
         self.constraints.append(ref)
         self._changed()
