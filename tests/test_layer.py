@@ -24,9 +24,10 @@ def layer_problem(kind, seed, solver="highs", batch=3, maximize=False):
     return prob, layer, inputs
 
 
+@pytest.mark.parametrize("solver", ["highs", "ipm"])
 @pytest.mark.parametrize("kind", ["lp", "qp", "psd"])
-def test_gradcheck_every_output_kind(kind):
-    prob, layer, inputs = layer_problem(kind, seed=1)
+def test_gradcheck_every_output_kind(kind, solver):
+    prob, layer, inputs = layer_problem(kind, seed=1, solver=solver)
     torch.autograd.gradcheck(lambda *t: layer(*t), inputs, atol=1e-6, rtol=1e-5,
                              check_forward_ad=True, fast_mode=True)
     assert layer.last_status == ["optimal"] * 3
@@ -101,7 +102,7 @@ def test_float32_follows_inputs():
     assert x32[1].grad.dtype == torch.float32
 
 
-@pytest.mark.parametrize("solver", ["scs", "qpth"])
+@pytest.mark.parametrize("solver", ["scs", "qpth", "ipm"])
 def test_other_solvers_agree_with_highs(solver):
     _, layer_h, inputs = layer_problem("qp", seed=6)
     _, layer_s, _ = layer_problem("qp", seed=6, solver=solver)
@@ -115,8 +116,8 @@ def test_other_solvers_agree_with_highs(solver):
         torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)
 
 
-def infeasible_batch_layer(on_failure):
-    m = tdo.Model(solver="highs")
+def infeasible_batch_layer(on_failure, solver="highs"):
+    m = tdo.Model(solver=solver)
     x = m.variable(2, name="x")
     lo = m.parameter(np.zeros(2), name="lo")
     hi = m.parameter(np.ones(2), name="hi")
@@ -126,8 +127,9 @@ def infeasible_batch_layer(on_failure):
     return tdo.Layer(m, parameters=[lo, hi], outputs=x, on_failure=on_failure)
 
 
-def test_infeasible_member_raises_with_its_index():
-    layer = infeasible_batch_layer("raise")
+@pytest.mark.parametrize("solver", ["highs", "ipm"])
+def test_infeasible_member_raises_with_its_index(solver):
+    layer = infeasible_batch_layer("raise", solver)
     lo = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 0.0]], dtype=F64)
     hi = torch.ones(2, dtype=F64)
     with pytest.raises(tdo.InfeasibleError, match=r"batch members \[1\]"):

@@ -42,7 +42,8 @@ class Layer(torch.nn.Module):
         outputs: variables (primal values), constraint references (duals, shadow-price
             convention) and ``model.objective`` (optimal value). One output returns a tensor,
             several a tuple.
-        solver: ``"highs"``, ``"scs"``, ``"qpth"`` (batched, CPU or CUDA, strictly convex QPs)
+        solver: ``"highs"``, ``"scs"``, ``"qpth"`` (batched, CPU or CUDA, strictly convex QPs),
+            ``"ipm"`` (this package's batched interior point in torch, CPU or CUDA, LPs too)
             or ``None``/``"auto"`` for the quadratic backend; the nonlinear backend uses SLSQP,
             the conic backend SCS.
         backend: ``"quadratic"``, ``"nonlinear"``, ``"conic"`` or ``None`` (the model's:
@@ -68,9 +69,9 @@ class Layer(torch.nn.Module):
         if on_failure not in ("raise", "nan"):
             raise ValueError("on_failure must be 'raise' or 'nan'")
         solver = model.solver if solver is None else solver
-        if solver not in (None, "auto", "highs", "scs", "qpth", "slsqp"):
+        if solver not in (None, "auto", "highs", "scs", "qpth", "ipm", "slsqp"):
             raise ValueError(f"unknown solver {solver!r}; available: 'highs', 'scs', 'qpth', "
-                             "'slsqp', 'auto'")
+                             "'ipm', 'slsqp', 'auto'")
         self.model = model
         self.parameters_in = list(parameters)
         for p in self.parameters_in:

@@ -27,10 +27,12 @@ import torch
 
 from .backends.batched_quadratic import BatchedQuadraticKKT
 from .backends.quadratic import DataTangent, QuadraticKKT, bound_rows, check_convex
-from .errors import DegenerateSolutionWarning, NonconvexError, SolverError
+from .errors import (DegenerateSolutionWarning, InfeasibleError, NonconvexError, SolverError,
+                     UnboundedError)
 from .linalg.factorization import DENSE_MAX_ORDER
 from .solvers import NumericQP, qp_solver, solve_highs, solve_scs
 from .solvers.batch import solve_each, solve_qpth, status_of
+from .solvers.ipm import DUAL_INFEASIBLE, NOT_CONVERGED, OPTIMAL, PRIMAL_INFEASIBLE, solve_ipm
 
 #: largest relative KKT residual accepted from a solver
 KKT_TOLERANCE = 1e-6
@@ -261,14 +263,24 @@ def _solve_dense(call: SolveCall, P_vals, q, r, C_vals, c0):
         eye = torch.eye(n, dtype=q.dtype, device=q.device)
         x, mu_all, hint = _qpth(st, torch.where(valid.reshape(B, 1, 1), P, eye),
                                 torch.where(valid.reshape(B, 1), q, 0.0), C, c0)
+    elif solver == "ipm":
+        x, mu_all, hint, codes = _ipm(st, torch.where(valid.reshape(B, 1, 1), P, 0.0),
+                                      torch.where(valid.reshape(B, 1), q, 0.0), C, c0)
+        for b in torch.nonzero(valid & (codes != OPTIMAL)).flatten().tolist():
+            code = int(codes[b])
+            status[b], errors[b] = _IPM_FAILURES[code]
+        valid = valid & (codes == OPTIMAL)
+        x = torch.where(valid.reshape(B, 1), x, 0.0)
+        mu_all = torch.where(valid.reshape(B, 1), mu_all, 0.0)
     else:
         x, mu_all, valid = _cpu_solve(st, solver, P_vals, q, r, C_vals, c0, valid, b_cols,
                                       status, errors, range(B))
     kkt = BatchedQuadraticKKT(P, q, C, c0, st.sense, st.lb, st.ub, x, mu_all, valid, hint)
 
     bad = valid & (kkt.kkt_residual > KKT_TOLERANCE)
-    if bad.any() and solver in (None, "auto", "highs"):
-        # HiGHS's QP solver can call a QP unbounded along a flat direction "optimal"; SCS,
+    if bad.any() and solver in (None, "auto", "highs", "ipm"):
+        # HiGHS's QP solver can call a QP unbounded along a flat direction "optimal", and an
+        # interior point's active set can be misread at a nearly degenerate point; SCS,
         # which detects unboundedness, decides those members
         retry = torch.nonzero(bad).flatten().tolist()
         x2, mu2, valid2 = _cpu_solve(st, "scs", P_vals, q, r, C_vals, c0, valid, b_cols,
@@ -320,7 +332,8 @@ def _cpu_solve(st, solver, P_vals, q, r, C_vals, c0, valid, b_cols, status, erro
     return as_t(x), as_t(mu), torch.as_tensor(ok, device=dev)
 
 
-def _qpth(st, P, q, C, c0):
+def _all_rows(st, q, C, c0):
+    """``(C_all, c0_all, sense_all)``: the constraint rows followed by the bound rows."""
     B, n = q.shape
     b_cols, b_c0, b_sense = bound_rows(st.lb, st.ub)
     E = torch.zeros(len(b_cols), n, dtype=q.dtype, device=q.device)
@@ -329,7 +342,28 @@ def _qpth(st, P, q, C, c0):
     c0_all = torch.cat((c0, torch.as_tensor(b_c0, dtype=q.dtype, device=q.device)
                         .expand(B, -1)), 1)
     sense_all = torch.as_tensor(np.concatenate((st.sense, b_sense)), device=q.device)
-    return solve_qpth(P, q, C_all, c0_all, sense_all)
+    return C_all, c0_all, sense_all
+
+
+def _qpth(st, P, q, C, c0):
+    return solve_qpth(P, q, *_all_rows(st, q, C, c0))
+
+
+_IPM_FAILURES = {
+    PRIMAL_INFEASIBLE: ("infeasible", InfeasibleError(
+        "infeasible: the interior-point method found a certificate of infeasibility")),
+    DUAL_INFEASIBLE: ("unbounded", UnboundedError(
+        "unbounded: the interior-point method found a direction of unbounded descent")),
+    NOT_CONVERGED: ("solver_error", SolverError(
+        "the interior-point method did not converge (iteration limit or numerical failure)")),
+}
+
+
+def _ipm(st, P, q, C, c0):
+    """The batched torch interior point (:mod:`torchdiffopt.solvers.ipm`) on the device."""
+    C_all, c0_all, sense_all = _all_rows(st, q, C, c0)
+    result = solve_ipm(P, q, C_all, c0_all, sense_all)
+    return result.x, result.mu, result.active, result.status
 
 
 class QPSolve(torch.autograd.Function):
