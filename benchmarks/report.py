@@ -1,0 +1,121 @@
+"""Formatting the results: markdown tables (console and results.md), JSON and PNG plots."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from harness import Result
+
+
+LEGEND = """\
+Columns: times are medians over `reps` timed repetitions after one warm-up (forward, backward,
+and their sum per repetition); `peak MiB` is the growth of the process's peak resident set
+during one forward + backward (Linux VmHWM after malloc_trim and a reset through
+/proc/self/clear_refs: torch, numpy and native solver memory, not tracemalloc); `failed` counts
+batch members a method reported as failed (NaN); `sol err (wrong)` is the largest relative
+∞-norm distance of a member's solution to the KKT-certified reference (torchdiffopt with SCS,
+polished; HiGHS where SCS fails) and, in parentheses, the number of members farther than 1e-4;
+`FD err` is the largest |⟨∇, v⟩ − central difference| / max(1, |central difference|) over 3
+random directions (each on at most two batch members, step 1e-6, differences of the
+reference); `× peer` is this method's total time over the peer's (> 1: slower than the peer);
+`Δ∇ peer` is max |∇ − ∇_peer| / max(1, max |∇_peer|) over the members both solved."""
+
+
+def _ms(seconds):
+    return "–" if seconds is None else f"{1e3 * seconds:.3g}"
+
+
+def _err(value):
+    return "–" if value is None else ("0" if value == 0 else f"{value:.0e}")
+
+
+def _num(value, fmt="{:.3g}"):
+    return "–" if value is None else fmt.format(value)
+
+
+def case_table(results: list[Result]) -> list[str]:
+    """One markdown table for one case: a row per method."""
+    peers = [r.method for r in results if r.kind == "peer" and r.status == "ok"]
+    head = ["method", "fwd ms", "bwd ms", "total ms", "peak MiB", "reps", "failed",
+            "sol err (wrong)", "FD err"]
+    head += [f"× {p}" for p in peers] + [f"Δ∇ {p}" for p in peers]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    notes = []
+    for r in results:
+        if r.status != "ok":
+            notes.append(f"{r.method}: {r.status}: {r.note}")
+            continue
+        if r.note:
+            notes.append(f"{r.method}: {r.note}")
+        row = [r.method, _ms(r.forward_s), _ms(r.backward_s), _ms(r.total_s),
+               _num(r.peak_mib, "{:.0f}"), str(r.reps), str(r.failed_members),
+               f"{_err(r.solution_error)} ({r.wrong_members})", _err(r.fd_error)]
+        row += ["–" if p == r.method else _num(r.time_ratio.get(p), "{:.2f}") for p in peers]
+        row += ["–" if p == r.method else _err(r.peer_gradient_error.get(p)) for p in peers]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines + [f"- {n}" for n in notes]
+
+
+def sobolev_table(rows) -> list[str]:
+    lines = ["| method | mode | k | time ms | solve ms | derivative ms | time(k)/time(k=1) "
+             "| adjoint err |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['mode']} | {r['k']} | {_ms(r['time_s'])} | "
+                     f"{_ms(r.get('solve_s'))} | {_ms(r.get('derivative_s'))} | "
+                     f"{r['ratio_to_k1']:.2f} | {_err(r.get('adjoint_error'))} |")
+    return lines
+
+
+def floor_table(rows) -> list[str]:
+    lines = ["| workload | case | method | KKT order | backward ms | LU+solve ms | solve ms "
+             "| bwd / (LU+solve) | bwd / solve |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['workload']} | {r['case']} | {r['method']} | {r['kkt_order']} | "
+                     f"{_ms(r['backward_s'])} | {_ms(r['factor_solve_s'])} | "
+                     f"{_ms(r['solve_s'])} | {r['ratio_factor_solve']:.1f} | "
+                     f"{r['ratio_solve']:.1f} |")
+    return lines
+
+
+def to_json(results, sobolev, floor, header) -> str:
+    skip = {"x", "grads"}
+    records = [{k: v for k, v in dataclasses.asdict(r).items() if k not in skip}
+               for r in results]
+    return json.dumps({"header": header, "results": records, "sobolev": sobolev,
+                       "floor": floor}, indent=1, default=str)
+
+
+def plots(results, directory) -> list[str]:
+    """W1's total time against the problem size (one panel per batch) and against the batch
+    size (one panel per problem size), one line per method. Returns the files written."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    w1 = [r for r in results if r.workload == "W1" and r.status == "ok"]
+    methods = sorted({r.method for r in w1})
+    written = []
+    for x_key, panel_key, name in (("n", "batch", "w1_time_vs_size.png"),
+                                   ("batch", "n", "w1_time_vs_batch.png")):
+        panels = sorted({r.params[panel_key] for r in w1})
+        if not panels:
+            continue
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4),
+                                 squeeze=False)
+        for ax, panel in zip(axes[0], panels):
+            for m in methods:
+                pts = sorted((r.params[x_key], r.total_s) for r in w1
+                             if r.method == m and r.params[panel_key] == panel)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=m)
+            ax.set(xscale="log", yscale="log", title=f"W1, {panel_key} = {panel}",
+                   xlabel=x_key, ylabel="forward + backward time (s)")
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        path = directory / name
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(str(path))
+    return written

@@ -1,0 +1,1 @@
+"""The benchmark's workloads, one module each (W1–W7); each builds :class:`harness.Case`\\ s."""

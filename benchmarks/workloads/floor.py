@@ -1,0 +1,71 @@
+"""W7: the floor under a backward pass.
+
+Differentiating a QP layer needs, per member, one factorization of the KKT system and one
+solve with it. This times, for the batch and order ``N = n + rows`` (variables plus
+constraint rows) of each W1 and W2 case, one batched ``torch.linalg.lu_factor_ex`` +
+``lu_solve`` (one right-hand side) and the ``lu_solve`` alone, and reports our measured
+backward time over each. torchdiffopt factorizes during the forward pass (the solution is
+polished with the same factorization), so its backward is to be compared with the solve
+alone; the factorization + solve is the floor for a backward that factorizes itself.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def _median_time(fn, reps):
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def floor_times(batch: int, order: int, reps: int, seed: int = 0):
+    """``(factorize + solve, solve)`` seconds for a batch of ``order × order`` systems."""
+    gen = torch.Generator().manual_seed(seed)
+    A = torch.randn(batch, order, order, dtype=torch.float64, generator=gen)
+    K = A + A.transpose(-1, -2) + 2 * order * torch.eye(order, dtype=torch.float64)
+    rhs = torch.randn(batch, order, 1, dtype=torch.float64, generator=gen)
+    LU, pivots, _ = torch.linalg.lu_factor_ex(K)
+
+    def factor_solve():
+        lu, piv, _ = torch.linalg.lu_factor_ex(K)
+        return torch.linalg.lu_solve(lu, piv, rhs)
+
+    return (_median_time(factor_solve, reps),
+            _median_time(lambda: torch.linalg.lu_solve(LU, pivots, rhs), reps))
+
+
+def kkt_order(result) -> int | None:
+    p = result.params
+    if result.workload == "W1":
+        return 2 * p["n"]
+    if result.workload == "W2":
+        return p["n"] + p["m"]
+    return None
+
+
+def run(results, reps: int):
+    """One row per (our method, W1/W2 case) with its backward time and the floors."""
+    rows, cache = [], {}
+    for r in results:
+        order = kkt_order(r)
+        if r.kind != "ours" or r.status != "ok" or order is None:
+            continue
+        key = (r.params["batch"], order)
+        if key not in cache:
+            cache[key] = floor_times(*key, reps)
+        factor_solve, solve = cache[key]
+        rows.append({"workload": r.workload, "case": r.case, "method": r.method,
+                     "batch": key[0], "kkt_order": order, "backward_s": r.backward_s,
+                     "factor_solve_s": factor_solve, "solve_s": solve,
+                     "ratio_factor_solve": r.backward_s / factor_solve,
+                     "ratio_solve": r.backward_s / solve})
+    return rows
