@@ -278,16 +278,20 @@ def _solve_dense(call: SolveCall, P_vals, q, r, C_vals, c0):
     kkt = BatchedQuadraticKKT(P, q, C, c0, st.sense, st.lb, st.ub, x, mu_all, valid, hint)
 
     bad = valid & (kkt.kkt_residual > KKT_TOLERANCE)
+    if solver in (None, "auto", "highs", "ipm"):
+        # members the solver gave up on (not proved infeasible or unbounded) get SCS too
+        gave_up = torch.tensor([s == "solver_error" for s in status], device=q.device)
+        bad = bad | (finite & convex & gave_up)
     if bad.any() and solver in (None, "auto", "highs", "ipm"):
         # HiGHS's QP solver can call a QP unbounded along a flat direction "optimal", and an
         # interior point's active set can be misread at a nearly degenerate point; SCS,
         # which detects unboundedness, decides those members
         retry = torch.nonzero(bad).flatten().tolist()
-        x2, mu2, valid2 = _cpu_solve(st, "scs", P_vals, q, r, C_vals, c0, valid, b_cols,
-                                     status, errors, retry)
+        x2, mu2, valid2 = _cpu_solve(st, "scs", P_vals, q, r, C_vals, c0, valid | bad,
+                                     b_cols, status, errors, retry)
         x = torch.where(bad.reshape(B, 1), x2, x)
         mu_all = torch.where(bad.reshape(B, 1), mu2, mu_all)
-        valid = valid & (valid2 | ~bad)
+        valid = torch.where(bad, valid2, valid)
         kkt = BatchedQuadraticKKT(P, q, C, c0, st.sense, st.lb, st.ub, x, mu_all, valid, hint)
         bad = valid & (kkt.kkt_residual > KKT_TOLERANCE)
     for b in torch.nonzero(bad).flatten().tolist():
