@@ -43,7 +43,8 @@ class Layer(torch.nn.Module):
             convention) and ``model.objective`` (optimal value). One output returns a tensor,
             several a tuple.
         solver: ``"highs"``, ``"scs"``, ``"qpth"`` (batched, CPU or CUDA, strictly convex QPs),
-            ``"ipm"`` (this package's batched interior point in torch, CPU or CUDA, LPs too)
+            ``"ipm"`` (this package's batched interior point in torch, CPU or CUDA, LPs too);
+            ``"auto"`` takes the IPM for batches held densely, HiGHS/SCS above
             or ``None``/``"auto"`` for the quadratic backend; the nonlinear backend uses SLSQP,
             the conic backend SCS.
         backend: ``"quadratic"``, ``"nonlinear"``, ``"conic"`` or ``None`` (the model's:

@@ -263,7 +263,7 @@ def _solve_dense(call: SolveCall, P_vals, q, r, C_vals, c0):
         eye = torch.eye(n, dtype=q.dtype, device=q.device)
         x, mu_all, hint = _qpth(st, torch.where(valid.reshape(B, 1, 1), P, eye),
                                 torch.where(valid.reshape(B, 1), q, 0.0), C, c0)
-    elif solver == "ipm":
+    elif solver in ("ipm", None, "auto"):  # "auto": batched dense problems go to the IPM
         x, mu_all, hint, codes = _ipm(st, torch.where(valid.reshape(B, 1, 1), P, 0.0),
                                       torch.where(valid.reshape(B, 1), q, 0.0), C, c0)
         for b in torch.nonzero(valid & (codes != OPTIMAL)).flatten().tolist():
