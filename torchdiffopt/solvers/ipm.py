@@ -32,7 +32,8 @@ quasi-definite system [[P, Aᵀ], [A, −H]] with H = diag(s/z) (zero on equalit
 regularization [[P + ρI, Aᵀ], [A, −H − δI]] reduces to the positive definite matrix
 P + ρI + Aᵀ(H + δI)⁻¹A, factored by one batched Cholesky (a member whose factorization
 fails is retried with a larger ρ); iterative refinement against the unregularized system
-removes the effect of ρ and δ from the step.
+removes the effect of ρ and δ from the corrector step (the predictor, which only sets the
+centering and the second-order term, goes without).
 
 Stopping rules, per member, on x̄ = x/τ, z̄ = z/τ, s̄ = s/τ, with ε = ``tol`` and ∞-norms:
 
