@@ -25,7 +25,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .backends.batched_quadratic import BatchedQuadraticKKT
+from .backends.batched_quadratic import BatchedQuadraticKKT, with_bound_rows
 from .backends.quadratic import DataTangent, QuadraticKKT, bound_rows, check_convex
 from .errors import (DegenerateSolutionWarning, InfeasibleError, NonconvexError, SolverError,
                      UnboundedError)
@@ -336,21 +336,8 @@ def _cpu_solve(st, solver, P_vals, q, r, C_vals, c0, valid, b_cols, status, erro
     return as_t(x), as_t(mu), torch.as_tensor(ok, device=dev)
 
 
-def _all_rows(st, q, C, c0):
-    """``(C_all, c0_all, sense_all)``: the constraint rows followed by the bound rows."""
-    B, n = q.shape
-    b_cols, b_c0, b_sense = bound_rows(st.lb, st.ub)
-    E = torch.zeros(len(b_cols), n, dtype=q.dtype, device=q.device)
-    E[torch.arange(len(b_cols)), torch.as_tensor(b_cols, dtype=torch.long)] = 1.0
-    C_all = torch.cat((C, E.expand(B, -1, -1)), 1)
-    c0_all = torch.cat((c0, torch.as_tensor(b_c0, dtype=q.dtype, device=q.device)
-                        .expand(B, -1)), 1)
-    sense_all = torch.as_tensor(np.concatenate((st.sense, b_sense)), device=q.device)
-    return C_all, c0_all, sense_all
-
-
 def _qpth(st, P, q, C, c0):
-    return solve_qpth(P, q, *_all_rows(st, q, C, c0))
+    return solve_qpth(P, q, *with_bound_rows(C, c0, st.sense, st.lb, st.ub))
 
 
 _IPM_FAILURES = {
@@ -365,7 +352,7 @@ _IPM_FAILURES = {
 
 def _ipm(st, P, q, C, c0):
     """The batched torch interior point (:mod:`torchdiffopt.solvers.ipm`) on the device."""
-    C_all, c0_all, sense_all = _all_rows(st, q, C, c0)
+    C_all, c0_all, sense_all = with_bound_rows(C, c0, st.sense, st.lb, st.ub)
     result = solve_ipm(P, q, C_all, c0_all, sense_all)
     return result.x, result.mu, result.active, result.status
 

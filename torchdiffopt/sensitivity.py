@@ -21,14 +21,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .errors import (DifferentiationError, InfeasibleError, NonconvexError, SolverError,
-                     UnboundedError)
+from .errors import DifferentiationError, NonconvexError, SolverError
 from .modeling.expressions import as_expression
 from .modeling.functions import CoefficientFunction
 from .pipelines import Solved, pipeline_for
-
-_STATUS_OF = {InfeasibleError: "infeasible", UnboundedError: "unbounded",
-              NonconvexError: "nonconvex"}
+from .solvers.batch import status_of
 
 
 class Sensitivity:
@@ -76,7 +73,7 @@ class Sensitivity:
         try:
             self._state = pipeline.solve(theta)
         except (SolverError, NonconvexError) as err:
-            self.status = _STATUS_OF.get(type(err), "solver_error")
+            self.status = status_of(err)
             raise
         self.status = "optimal"
 

@@ -25,6 +25,20 @@ from ..linalg.factorization import DenseFactorization
 from .quadratic import ACTIVE_RTOL, WEAK_RTOL, bound_rows
 
 
+def with_bound_rows(C, c0, sense, lb, ub):
+    """``(C_all, c0_all, sense_all)``: the constraint rows ``(B, m, n)`` followed by one unit
+    row per finite variable bound (:func:`~torchdiffopt.backends.quadratic.bound_rows`)."""
+    B, _, n = C.shape
+    b_cols, b_c0, b_sense = bound_rows(lb, ub)
+    E = torch.zeros(len(b_cols), n, dtype=C.dtype, device=C.device)
+    E[torch.arange(len(b_cols)), torch.as_tensor(b_cols, dtype=torch.long)] = 1.0
+    C_all = torch.cat((C, E.expand(B, -1, -1)), dim=1)
+    c0_all = torch.cat((c0, torch.as_tensor(b_c0, dtype=c0.dtype, device=c0.device)
+                        .expand(B, -1)), dim=1)
+    sense_all = torch.as_tensor(np.concatenate((sense, b_sense)), device=C.device)
+    return C_all, c0_all, sense_all
+
+
 def _amax(t: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
     """``t.amax(-1)``, zero for an empty last dimension (a problem without rows)."""
     if t.shape[-1]:
@@ -48,13 +62,8 @@ class BatchedQuadraticKKT:
         B, n = q.shape
         m = c0.shape[1]
         dev, dt = q.device, q.dtype
-        b_cols, b_c0, b_sense = bound_rows(lb, ub)
-        nb = len(b_cols)
-        E = torch.zeros(nb, n, dtype=dt, device=dev)
-        E[torch.arange(nb), torch.as_tensor(b_cols, dtype=torch.long)] = 1.0
-        C_all = torch.cat((C, E.expand(B, nb, n)), dim=1)
-        c0_all = torch.cat((c0, torch.as_tensor(b_c0, dtype=dt, device=dev).expand(B, nb)), 1)
-        sense_all = torch.as_tensor(np.concatenate((sense, b_sense)), dtype=dt, device=dev)
+        C_all, c0_all, sense_all = with_bound_rows(C, c0, sense, lb, ub)
+        sense_all = sense_all.to(dt)
         valid_f = valid.to(dt).reshape(B, 1)
         # failed members get harmless placeholder data (identity K, zero point)
         x = torch.where(valid.reshape(B, 1), x, torch.zeros_like(x))
