@@ -19,14 +19,15 @@ from torchdiffopt.backends.conic import ConicDerivative
 from torchdiffopt.conic_function import conic
 from torchdiffopt.errors import (DegenerateSolutionWarning, InfeasibleError, NonconvexError,
                                  UnboundedError)
-from torchdiffopt.solvers.scs_conic import conic_residuals, solve_scs_conic
+from torchdiffopt.solvers.cone_program import conic_residuals
+from torchdiffopt.solvers.scs_conic import solve_scs_conic
 
 SQRT2 = math.sqrt(2.0)
 T64 = torch.float64
 
 
-def solve(A, b, c, cones, P=None, **kw):
-    sol = solve_scs_conic(A, b, c, cones, P)
+def solve(A, b, c, cones, P=None, solver=solve_scs_conic, **kw):
+    sol = solver(A, b, c, cones, P)
     return ConicDerivative(A, b, c, cones, sol.x, sol.y, sol.s, P, **kw)
 
 
@@ -100,7 +101,7 @@ def _random_program(rng, cones, quadratic):
     return dict(A=A, b=b, c=c, P=P, x=x, y=y, s=s, cones=cones)
 
 
-def _direction(rng, pr):
+def direction(rng, pr):
     n = pr["A"].shape[1]
     dP = None
     if pr["P"] is not None:
@@ -110,11 +111,12 @@ def _direction(rng, pr):
             rng.normal(size=pr["c"].shape), dP)
 
 
-def _fd(pr, d, h=1e-6):
+def finite_difference(pr, d, h=1e-6, solver=solve_scs_conic):
     """Central differences of the (refined) solution along the data direction ``d``."""
     def at(t):
         P = None if pr["P"] is None else pr["P"] + t * d[3]
-        D = solve(pr["A"] + t * d[0], pr["b"] + t * d[1], pr["c"] + t * d[2], pr["cones"], P)
+        D = solve(pr["A"] + t * d[0], pr["b"] + t * d[1], pr["c"] + t * d[2], pr["cones"], P,
+                  solver)
         return np.concatenate((D.x, D.y, D.s))
     return (at(h) - at(-h)) / (2 * h)
 
@@ -140,8 +142,8 @@ def test_random_programs_match_finite_differences(cones, quadratic):
     np.testing.assert_allclose(D.s, pr["s"], atol=1e-10)
     assert D.residual < 1e-13 and not D.singular and not D.kinks
     for _ in range(2):
-        d = _direction(rng, pr)
-        fd = _fd(pr, d)
+        d = direction(rng, pr)
+        fd = finite_difference(pr, d)
         fwd = np.concatenate(D.jvp(*d))
         np.testing.assert_allclose(fwd, fd, atol=1e-6 * max(1.0, np.abs(fd).max()), rtol=0)
         # reverse mode against the same finite differences: ⟨w, J d⟩
@@ -159,7 +161,7 @@ def test_adjoint_identity_to_round_off(cones, quadratic):
     D = solve(pr["A"], pr["b"], pr["c"], cones, pr["P"])
     n, m = D.n, D.m
     for _ in range(3):
-        d = _direction(rng, pr)
+        d = direction(rng, pr)
         w = rng.normal(size=n + 2 * m)  # seeds on dx, dy and ds together
         Jv = np.concatenate(D.jvp(*d))
         JTw = D.vjp(w[:n], w[n:n + m], w[n + m:])
@@ -172,7 +174,7 @@ def test_many_directions_at_once_match_one_at_a_time():
     rng = np.random.default_rng(3)
     pr = random_program(rng, {"l": 2, "q": [3, 3], "ep": 1}, quadratic=True)
     D = solve(pr["A"], pr["b"], pr["c"], pr["cones"], pr["P"])
-    dirs = [_direction(rng, pr) for _ in range(3)]
+    dirs = [direction(rng, pr) for _ in range(3)]
     stacked = D.jvp(*(np.stack(parts) for parts in zip(*dirs)))
     for k, d in enumerate(dirs):
         for got, want in zip(stacked, D.jvp(*d)):
@@ -194,7 +196,7 @@ def test_sparse_path_matches_dense_path():
     sparse = ConicDerivative(sp.csr_matrix(A), b, c, pr["cones"], pr["x"], pr["y"], pr["s"],
                              dense=False)
     assert not sparse.dense and dense.dense
-    d = _direction(rng, dict(pr, A=A))
+    d = direction(rng, dict(pr, A=A))
     for got, want in zip(sparse.jvp(sp.csr_matrix(d[0]), d[1], d[2]), dense.jvp(*d[:3])):
         np.testing.assert_allclose(got, want, atol=1e-10)
     seeds = rng.normal(size=dense.n), rng.normal(size=dense.m), rng.normal(size=dense.m)

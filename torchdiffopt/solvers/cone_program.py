@@ -1,0 +1,136 @@
+"""What the conic solver adapters share: the data check, and the check of the answer.
+
+Every adapter (:mod:`.scs_conic`, :mod:`.clarabel_conic`) solves the cone program ::
+
+    min ½ xᵀPx + cᵀx   s.t.   A x + s = b,   s ∈ K
+
+(``K`` a product of SCS's cones, :mod:`torchdiffopt.backends.cones`; PSD blocks in SCS's
+√2-scaled lower-triangle ``svec``) and returns a :class:`ConicSolution` in SCS's
+conventions, whatever the solver's own: the primal ``x``, the slack ``s = b - A x ∈ K`` and
+the dual ``y ∈ K*`` with ``P x + Aᵀy + c = 0`` and ``sᵀy = 0`` (the shadow price of row
+``i`` is ``∂f*/∂b_i = -y_i``). That is the point :class:`~torchdiffopt.backends.conic.
+ConicDerivative` takes. The point is checked here (:func:`certify`) rather than trusted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+
+from ..backends.cones import ConeDims, project
+from ..errors import NonconvexError, SolverError
+
+#: largest relative residual (any of :func:`conic_residuals`) accepted from a solver
+ACCEPT_RESIDUAL = 1e-6
+
+
+@dataclass
+class ConicSolution:
+    """A solver's answer in SCS's conventions: ``x``, ``y`` (dual, in ``K*``), ``s`` (slack,
+    in ``K``), the solver's ``status`` (e.g. ``"solved"``, ``"solved inaccurate"``),
+    ``iterations`` and the relative ``residuals`` measured on the returned point
+    (:func:`conic_residuals`)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    s: np.ndarray
+    status: str
+    iterations: int
+    residuals: dict = field(default_factory=dict)
+
+
+@dataclass
+class ConeProgram:
+    """Checked data of the cone program: ``A`` (m, n) CSC, ``b`` (m,), ``c`` (n,), ``dims``,
+    and ``P`` (n, n) CSC, symmetrized and positive semidefinite, or None."""
+
+    A: sp.csc_matrix
+    b: np.ndarray
+    c: np.ndarray
+    dims: ConeDims
+    P: sp.csc_matrix | None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.A.shape
+
+
+def cone_program(A, b, c, cones, P=None) -> ConeProgram:
+    """Check and convert the data (float64, sparse ``A`` and ``P``, ``P ← ½(P + Pᵀ)``).
+
+    Raises ``ValueError`` for inconsistent sizes or NaN/inf entries and
+    :class:`~torchdiffopt.errors.NonconvexError` for an indefinite ``P``."""
+    dims = ConeDims.from_dict(cones)
+    A = sp.csc_matrix(A, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64).reshape(-1)
+    c = np.asarray(c, dtype=np.float64).reshape(-1)
+    m, n = A.shape
+    if b.shape != (m,) or c.shape != (n,) or dims.size != m:
+        raise ValueError(f"inconsistent sizes: A {A.shape}, b {b.shape}, c {c.shape}, "
+                         f"cones of total size {dims.size}")
+    if not (np.isfinite(A.data).all() and np.isfinite(b).all() and np.isfinite(c).all()):
+        raise ValueError("the problem data contain NaN or inf")
+    if P is not None:
+        P = sp.csc_matrix(P, dtype=np.float64)
+        if P.shape != (n, n) or not np.isfinite(P.data).all():
+            raise ValueError(f"P must be a finite ({n}, {n}) matrix, got shape {P.shape}")
+        P = sp.csc_matrix(0.5 * (P + P.T))
+        check_psd(P)
+    return ConeProgram(A, b, c, dims, P)
+
+
+def check_psd(P: sp.spmatrix) -> None:
+    """Raise NonconvexError when the symmetric ``P`` has a clearly negative eigenvalue
+    (below ``-1e-9`` times its largest magnitude, or ``-1e-9``)."""
+    n = P.shape[0]
+    if P.nnz == 0:
+        return
+    if n <= 2000:
+        eig = np.linalg.eigvalsh(P.toarray())
+        low, scale = eig[0], max(1.0, np.abs(eig).max())
+    else:
+        low = spla.eigsh(P, k=1, which="SA", return_eigenvectors=False)[0]
+        scale = max(1.0, abs(spla.eigsh(P, k=1, which="LM",
+                                             return_eigenvectors=False)[0]))
+    if low < -1e-9 * scale:
+        raise NonconvexError(f"P is not positive semidefinite (smallest eigenvalue {low:.3e})")
+
+
+def conic_residuals(A, b, c, cones, x, y, s, P=None) -> dict:
+    """Relative residuals of a primal-dual point of the cone program, each scaled by
+    ``1 + `` the largest term it compares:
+
+    ``primal`` ``‖Ax + s - b‖∞``, ``dual`` ``‖Px + Aᵀy + c‖∞``, ``gap``
+    ``|xᵀPx + cᵀx + bᵀy|``, ``slack_cone`` ``‖s - Π_K(s)‖∞`` and ``dual_cone``
+    ``‖y - Π_{K*}(y)‖∞``."""
+    dims = ConeDims.from_dict(cones)
+    Px = np.zeros_like(x) if P is None else P @ x
+    Ax, Aty = A @ x, A.T @ y
+    inf = lambda *a: max(np.abs(t).max(initial=0.0) for t in a)  # noqa: E731
+    xPx, cx, by = float(x @ Px), float(c @ x), float(b @ y)
+    return {
+        "primal": inf(Ax + s - b) / (1 + inf(Ax, s, b)),
+        "dual": inf(Px + Aty + c) / (1 + inf(Px, Aty, c)),
+        "gap": abs(xPx + cx + by) / (1 + max(abs(xPx), abs(cx), abs(by))),
+        "slack_cone": inf(s - project(s, dims)) / (1 + inf(s)),
+        "dual_cone": inf(y - project(y, dims, dual=True)) / (1 + inf(y)),
+    }
+
+
+def certify(program: ConeProgram, x, y, s, solver: str, status: str, iterations: int,
+            accept: float = ACCEPT_RESIDUAL) -> ConicSolution:
+    """The :class:`ConicSolution` of a solver's point (SCS's conventions), or a
+    :class:`~torchdiffopt.errors.SolverError` naming ``solver`` when a relative residual
+    exceeds ``accept``."""
+    x, y, s = (np.asarray(t, dtype=np.float64) for t in (x, y, s))
+    res = conic_residuals(program.A, program.b, program.c, program.dims, x, y, s, program.P)
+    worst = max(res, key=res.get)
+    if not res[worst] <= accept:
+        detail = ", ".join(f"{k} {v:.1e}" for k, v in res.items())
+        raise SolverError(f"{solver}'s point is not accurate enough (status {status!r} after "
+                          f"{iterations} iterations; relative residuals {detail}, worst "
+                          f"{worst}); raise the iteration limit, or rescale the problem")
+    return ConicSolution(x, y, s, status, iterations, res)
