@@ -1,9 +1,15 @@
 """Bad input gets a clear error naming the problem, never a silent zero or NaN."""
 
+import importlib.util
+import sys
+
 import numpy as np
 import pytest
+import torch
 
 import torchdiffopt as tdo
+
+HAS_CLARABEL = importlib.util.find_spec("clarabel") is not None
 
 
 def small_model():
@@ -163,7 +169,23 @@ def test_bound_errors():
         m.variable(lb=float("nan"))
 
 
-@pytest.mark.parametrize("solver", ["highs", "scs"])
+def test_missing_clarabel_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "clarabel", None)  # makes `import clarabel` fail
+    m = tdo.conic_diff_model("clarabel")
+    x = m.variable(2)
+    m.constraint(tdo.SOC(1.0, x))
+    m.minimize(x.sum())
+    with pytest.raises(ImportError, match="pip install clarabel"):
+        m.optimize()
+    with pytest.raises(ImportError, match="pip install clarabel"):
+        tdo.Layer(m, [], x, solver="clarabel")
+    one = torch.ones(1, 1, dtype=torch.float64)
+    with pytest.raises(ImportError, match=r"torchdiffopt\[clarabel\]"):
+        tdo.functional.conic(one, one[0], one[0], {"l": 1}, solver="clarabel")
+
+
+@pytest.mark.parametrize("solver", ["highs", "scs", pytest.param(
+    "clarabel", marks=pytest.mark.skipif(not HAS_CLARABEL, reason="clarabel not installed"))])
 def test_infeasible_and_unbounded_qp_per_solver(solver):
     m = tdo.Model(solver=solver)
     x = m.variable(2, name="x")

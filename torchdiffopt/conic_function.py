@@ -1,8 +1,9 @@
 """``conic(A, b, c, cones)``: a cone program's solution as a differentiable torch function.
 
 Solves ``min ½ xᵀPx + cᵀx  s.t.  A x + s = b,  s ∈ K`` with SCS
-(:func:`~torchdiffopt.solvers.scs_conic.solve_scs_conic`) and differentiates the solution
-through the conic backend (:class:`~torchdiffopt.backends.conic.ConicDerivative`): backward
+(:func:`~torchdiffopt.solvers.scs_conic.solve_scs_conic`) or Clarabel
+(:func:`~torchdiffopt.solvers.clarabel_conic.solve_clarabel_conic`, same conventions) and
+differentiates the solution through the conic backend (:class:`~torchdiffopt.backends.conic.ConicDerivative`): backward
 is its vector-Jacobian product (the exact adjoint), ``jvp`` its Jacobian-vector product, so
 ``torch.autograd.gradcheck(..., check_forward_ad=True)`` and ``torch.func.jvp`` work. A drop-in
 for diffcp's ``solve_and_derivative`` / cvxpylayers on raw data, in SCS's conventions:
@@ -18,7 +19,7 @@ import torch
 
 from .backends.conic import ConicDerivative
 from .backends.cones import ConeDims
-from .solvers.scs_conic import solve_scs_conic
+from .solvers import conic_solver
 
 _F64 = torch.float64
 _NAMES = ("A", "b", "c", "P")
@@ -28,9 +29,9 @@ _NDIM = {"A": 2, "b": 1, "c": 1, "P": 2}  # unbatched number of dimensions
 class _Call:
     """One call of :class:`ConicSolve`: fixed settings in, the factorized derivatives out."""
 
-    def __init__(self, dims: ConeDims, batched: dict, refine: bool, solver_options: dict):
+    def __init__(self, dims: ConeDims, batched: dict, refine: bool, solve, solver_options: dict):
         self.dims, self.batched = dims, batched
-        self.refine, self.solver_options = refine, solver_options
+        self.refine, self.solve, self.solver_options = refine, solve, solver_options
         self.members: list[ConicDerivative] = []
 
 
@@ -62,7 +63,7 @@ class ConicSolve(torch.autograd.Function):
             Aj, bj, cj, Pj = (_numpy(_member(t, j, call.batched[name]))
                               for name, t in zip(_NAMES, (A, b, c, P)))
             try:
-                sol = solve_scs_conic(Aj, bj, cj, call.dims, Pj, **call.solver_options)
+                sol = call.solve(Aj, bj, cj, call.dims, Pj, **call.solver_options)
             except Exception as err:
                 raise type(err)(f"batch member {j}: {err}" if B > 1 else str(err)) from err
             deriv = ConicDerivative(Aj, bj, cj, call.dims, sol.x, sol.y, sol.s, Pj,
@@ -115,7 +116,7 @@ class ConicSolve(torch.autograd.Function):
 
 
 def conic(A, b, c, cones, *, P=None, return_duals: bool = False, refine: bool = True,
-          solver_options: dict | None = None):
+          solver: str = "scs", solver_options: dict | None = None):
     """Solve and differentiate ``min ½ xᵀPx + cᵀx  s.t.  A x + s = b,  s ∈ K``.
 
     ``A (m, n)``, ``b (m,)``, ``c (n,)`` and optionally ``P (n, n)`` (symmetric positive
@@ -130,11 +131,14 @@ def conic(A, b, c, cones, *, P=None, return_duals: bool = False, refine: bool = 
     ``∂f*/∂b = -y``) and slack ``s = b - A x ∈ K``. Outputs follow the dtype and device of
     ``c``; solving and differentiating run in float64 on the CPU, member by member.
 
-    ``refine`` polishes SCS's point by Newton steps on the optimality conditions before
-    differentiating (the returned solution is the refined one). ``solver_options`` go to
-    SCS. Raises the solver's named errors (InfeasibleError, UnboundedError, SolverError,
-    NonconvexError), prefixed with the failing batch member; warns with
-    DegenerateSolutionWarning at degenerate solutions (see
+    ``solver`` is ``"scs"`` (or ``"auto"``) or ``"clarabel"`` (an optional dependency; its
+    answer is translated to SCS's conventions). ``refine`` polishes the solver's point by
+    Newton steps on the optimality conditions before differentiating (the returned solution
+    is the refined one; Clarabel's interior point needs it as much as SCS's point).
+    ``solver_options`` go to the solver (e.g. ``{"max_iters": …}`` for SCS,
+    ``{"max_iter": …}`` for Clarabel). Raises the solver's named errors (InfeasibleError,
+    UnboundedError, SolverError, NonconvexError), prefixed with the failing batch member;
+    warns with DegenerateSolutionWarning at degenerate solutions (see
     :mod:`torchdiffopt.backends.conic`).
     """
     dims = ConeDims.from_dict(cones)
@@ -160,7 +164,7 @@ def conic(A, b, c, cones, *, P=None, return_duals: bool = False, refine: bool = 
             raise ValueError(f"input {name!r} contains NaN or inf")
     if dims.size != m:
         raise ValueError(f"the cones have {dims.size} rows but A has {m}")
-    call = _Call(dims, batched, refine, dict(solver_options or {}))
+    call = _Call(dims, batched, refine, conic_solver(solver), dict(solver_options or {}))
     x, y, s = ConicSolve.apply(call, A, b, c, P)
     if not sizes:
         x, y, s = x[0], y[0], s[0]

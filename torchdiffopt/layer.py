@@ -42,11 +42,12 @@ class Layer(torch.nn.Module):
         outputs: variables (primal values), constraint references (duals, shadow-price
             convention) and ``model.objective`` (optimal value). One output returns a tensor,
             several a tuple.
-        solver: ``"highs"``, ``"scs"``, ``"qpth"`` (batched, CPU or CUDA, strictly convex QPs),
-            ``"ipm"`` (this package's batched interior point in torch, CPU or CUDA, LPs too);
-            ``"auto"`` takes the IPM for batches held densely, HiGHS/SCS above
-            or ``None``/``"auto"`` for the quadratic backend; the nonlinear backend uses SLSQP,
-            the conic backend SCS.
+        solver: ``None`` for the model's. For the quadratic backend ``"highs"``, ``"scs"``,
+            ``"qpth"`` (batched, CPU or CUDA, strictly convex QPs), ``"ipm"`` (this package's
+            batched interior point in torch, CPU or CUDA, LPs too) or ``"auto"`` (the IPM for
+            batches held densely, HiGHS/SCS above); for the conic backend ``"scs"`` (also
+            ``"auto"``) or ``"clarabel"`` (which makes ``backend=None`` pick the conic backend
+            for LPs and QPs too); the nonlinear backend uses SLSQP.
         backend: ``"quadratic"``, ``"nonlinear"``, ``"conic"`` or ``None`` (the model's:
             ``"auto"`` picks by the problem class). The nonlinear and conic backends solve
             members one after the other (with the model's solver) and support ``backward``,
@@ -70,9 +71,9 @@ class Layer(torch.nn.Module):
         if on_failure not in ("raise", "nan"):
             raise ValueError("on_failure must be 'raise' or 'nan'")
         solver = model.solver if solver is None else solver
-        if solver not in (None, "auto", "highs", "scs", "qpth", "ipm", "slsqp"):
+        if solver not in (None, "auto", "highs", "scs", "qpth", "ipm", "slsqp", "clarabel"):
             raise ValueError(f"unknown solver {solver!r}; available: 'highs', 'scs', 'qpth', "
-                             "'ipm', 'slsqp', 'auto'")
+                             "'ipm', 'slsqp', 'clarabel', 'auto'")
         self.model = model
         self.parameters_in = list(parameters)
         for p in self.parameters_in:
@@ -83,7 +84,9 @@ class Layer(torch.nn.Module):
             if not isinstance(o, (Variable, ConstraintRef, ObjectiveRef)) or o.model is not model:
                 raise ValueError(f"{o!r} is not a variable, constraint or objective of this model")
         self._single = not isinstance(outputs, (list, tuple))
-        pipeline = pipeline_for(model, backend)
+        pipeline = pipeline_for(model, backend, solver)
+        if solver == "clarabel" and not isinstance(pipeline, ConicPipeline):
+            raise ValueError("solver='clarabel' needs the conic backend (backend='conic')")
         self.nonlinear = isinstance(pipeline, NonlinearPipeline)
         self.memberwise = isinstance(pipeline, (NonlinearPipeline, ConicPipeline))
         self.pipeline = pipeline

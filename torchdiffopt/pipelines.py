@@ -36,9 +36,8 @@ from .compile.nonlinear import NonlinearForm
 from .compile.quadratic import QuadraticForm
 from .modeling.expressions import Evaluator, ValueEvaluator
 from .qp_function import solve_and_certify
-from .solvers import NumericQP
+from .solvers import NumericQP, conic_solver
 from .solvers.nlp import solve_slsqp
-from .solvers.scs_conic import solve_scs_conic
 
 
 @dataclass
@@ -98,13 +97,12 @@ class QuadraticPipeline:
 
 
 class ConicPipeline:
-    """Cone programs (and LPs, QPs): ``(P, c, r, A, b)(θ)`` → SCS →
-    :class:`~torchdiffopt.backends.conic.ConicDerivative` (refined, factorized once)."""
+    """Cone programs (and LPs, QPs): ``(P, c, r, A, b)(θ)`` → SCS or Clarabel →
+    :class:`~torchdiffopt.backends.conic.ConicDerivative` (refined, factorized once).
+    ``solver`` (default: the model's) is ``"scs"``, ``"auto"`` (SCS) or ``"clarabel"``."""
 
-    def __init__(self, model):
-        if model.solver not in ("auto", "scs"):
-            raise ValueError(f"the conic backend solves with SCS: solver='scs' or 'auto', got "
-                             f"{model.solver!r}")
+    def __init__(self, model, solver: str | None = None):
+        self.solve_conic = conic_solver(model.solver if solver is None else solver)
         self.model = model
         self.form = ConicForm(model)
 
@@ -118,7 +116,7 @@ class ConicPipeline:
         b, c = data.b.detach().numpy().copy(), data.c.detach().numpy().copy()
         if P is not None:
             check_convex(P, form.objective_sign < 0)
-        sol = solve_scs_conic(A, b, c, data.cones, P)
+        sol = self.solve_conic(A, b, c, data.cones, P)
         deriv = ConicDerivative(A, b, c, data.cones, sol.x, sol.y, sol.s, P)
         x = deriv.x
         value = c @ x + float(data.r) + (0.0 if P is None else 0.5 * x @ (P @ x))
@@ -264,15 +262,17 @@ def parameter_cotangents(form, theta: tuple, bars: tuple) -> tuple:
     return tuple(torch.zeros_like(t) if g is None else g for t, g in zip(theta, grads))
 
 
-PIPELINES = {"quadratic": QuadraticPipeline, "nonlinear": NonlinearPipeline,
-             "conic": ConicPipeline}
+PIPELINES = {"quadratic": QuadraticPipeline, "nonlinear": NonlinearPipeline}
 
 
-def pipeline_for(model, backend: str | None = None):
-    """The pipeline of ``backend`` (default: the model's). ``"auto"``: conic when a cone
-    constraint or a norm atom appears, else quadratic for LP/QP, else nonlinear (the
-    objective is not quadratic or a constraint not affine)."""
+def pipeline_for(model, backend: str | None = None, solver: str | None = None):
+    """The pipeline of ``backend`` (default: the model's) with ``solver`` (default: the
+    model's; only the conic pipeline takes it, the others read the model's). ``"auto"``:
+    conic when a cone constraint or a norm atom appears, else nonlinear when the objective is
+    not quadratic or a constraint not affine, else (LP/QP) quadratic, or conic when the
+    solver is the conic-only Clarabel."""
     backend = model.backend if backend is None else backend
+    solver = model.solver if solver is None else solver
     if backend == "auto":
         if is_conic(model):
             backend = "conic"
@@ -280,5 +280,6 @@ def pipeline_for(model, backend: str | None = None):
             nonlinear = (model.objective_expression is not None
                          and model.objective_expression.degree > 2) or any(
                 c.relation.expression.degree > 1 for c in model.constraints)
-            backend = "nonlinear" if nonlinear else "quadratic"
-    return PIPELINES[backend](model)
+            backend = ("nonlinear" if nonlinear
+                       else "conic" if solver == "clarabel" else "quadratic")
+    return ConicPipeline(model, solver) if backend == "conic" else PIPELINES[backend](model)

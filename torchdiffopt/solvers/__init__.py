@@ -1,11 +1,17 @@
-"""Solver adapters and their registry. Each adapter maps a :class:`NumericQP` to a
-:class:`Solution` or raises a named :class:`~torchdiffopt.errors.SolverError`."""
+"""Solver adapters and their registries. Each QP adapter maps a :class:`NumericQP` to a
+:class:`Solution`, each conic adapter a cone program in SCS's form to a
+:class:`~.cone_program.ConicSolution`, or raises a named
+:class:`~torchdiffopt.errors.SolverError`."""
 
+from .clarabel_conic import require_clarabel, solve_clarabel_conic
+from .cone_program import ConicSolution
 from .highs import solve_highs
 from .scs import solve_scs
+from .scs_conic import solve_scs_conic
 from .solution import NumericQP, Solution
 
 QP_SOLVERS = {"highs": solve_highs, "scs": solve_scs}
+CONIC_SOLVERS = {"scs": solve_scs_conic, "clarabel": solve_clarabel_conic}
 
 #: HiGHS's QP solver is an active-set method whose null space is dense (it stops past
 #: 4,000 free directions and slows down well before); larger QPs go to SCS.
@@ -25,4 +31,17 @@ def qp_solver(name: str, problem: NumericQP | None = None):
     return QP_SOLVERS[key]
 
 
-__all__ = ["NumericQP", "Solution", "qp_solver", "solve_highs", "solve_scs"]
+def conic_solver(name: str | None):
+    """The conic solver called ``name``: ``"scs"`` (also for None or ``"auto"``) or
+    ``"clarabel"`` (an ImportError saying how to install it when it is missing)."""
+    key = "scs" if name in (None, "auto") else str(name).lower()
+    if key not in CONIC_SOLVERS:
+        raise ValueError(f"the conic backend solves with SCS ('scs' or 'auto') or Clarabel "
+                         f"('clarabel'), got solver={name!r}")
+    if key == "clarabel":
+        require_clarabel()
+    return CONIC_SOLVERS[key]
+
+
+__all__ = ["ConicSolution", "NumericQP", "Solution", "conic_solver", "qp_solver",
+           "solve_clarabel_conic", "solve_highs", "solve_scs", "solve_scs_conic"]

@@ -1,0 +1,142 @@
+"""Clarabel adapter for cone programs in SCS's form (optional: ``pip install clarabel``).
+
+Solves ``min ½ xᵀPx + cᵀx  s.t.  A x + s = b,  s ∈ K`` (``K`` in SCS's cone dictionary,
+:mod:`torchdiffopt.backends.cones`) with Clarabel, an interior-point method, and returns the
+answer in SCS's conventions (:class:`~.cone_program.ConicSolution`), so that the conic
+backend takes it unchanged.
+
+Clarabel states the same problem (``A x + s = b``, ``s ∈ K``; its dual ``z ∈ K*`` with
+``P x + Aᵀz + q = 0``, so ``z`` is SCS's ``y``), and its zero, nonnegative, second-order,
+exponential (``cl{(x, y, z): y > 0, y·exp(x/y) ≤ z}``) and power cones
+(``{(x, y, z): x, y ≥ 0, x^α y^(1-α) ≥ |z|}``, ``0 < α < 1``) are SCS's. Three kinds of
+rows differ and are mapped by an invertible block-diagonal ``W``, one block per cone:
+Clarabel solves ``W A x + s' = W b``, ``s' = W s ∈ K'`` and its dual ``z' ∈ K'*`` gives
+``y = Wᵀz'`` and ``s = W⁻¹s'`` (``Aᵀy = (WA)ᵀz'``, ``yᵀs = z'ᵀs'``):
+
+* PSD cones: Clarabel's ``PSDTriangleConeT`` is the √2-scaled **upper** triangle column by
+  column, SCS's the lower triangle column by column; the entry ``(r, c)``, ``r ≥ c``, of
+  SCS's ``svec`` is Clarabel's ``(c, r)`` at position ``r(r+1)/2 + c``: ``W`` permutes.
+* dual exponential cones (SCS's ``ed``, ``cl{(u, v, w): u < 0, -u·exp(v/u) ≤ e·w}``):
+  ``(u, v, w) ∈ K_exp*`` iff ``(u - v, -u, w) ∈ K_exp``, so ``W = [[1, -1, 0], [-1, 0, 0],
+  [0, 0, 1]]`` maps them onto Clarabel's exponential cone.
+* dual power cones (SCS's negative ``α``, ``{(u, v, w): (u/α)^α (v/(1-α))^(1-α) ≥ |w|}``
+  for ``|α|``): ``W = diag(1/α, 1/(1-α), 1)`` maps them onto Clarabel's power cone of ``α``.
+
+Clarabel runs to tolerances of 1e-10 by default (:data:`DEFAULTS`); as for SCS, the point is
+checked (:func:`~.cone_program.certify`) and the conic backend refines it by Newton steps.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+from ..backends.cones import ConeDims, svec_entries
+from ..errors import InfeasibleError, SolverError, UnboundedError
+from .cone_program import ACCEPT_RESIDUAL, ConicSolution, certify, cone_program
+
+#: Clarabel settings used unless overridden (Clarabel's own defaults are 1e-8)
+DEFAULTS = {"tol_gap_abs": 1e-10, "tol_gap_rel": 1e-10, "tol_feas": 1e-10, "max_iter": 200,
+            "verbose": False}
+
+_INFEASIBLE = ("PrimalInfeasible", "AlmostPrimalInfeasible")
+_UNBOUNDED = ("DualInfeasible", "AlmostDualInfeasible")
+_SOLVED = ("Solved", "AlmostSolved")
+
+_ED = np.array([[1.0, -1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+_ED_INV = np.array([[0.0, -1.0, 0.0], [-1.0, -1.0, 0.0], [0.0, 0.0, 1.0]])
+
+
+def require_clarabel():
+    """The ``clarabel`` module, or an ImportError that says how to install it."""
+    try:
+        import clarabel
+    except ImportError as err:
+        raise ImportError("solver='clarabel' needs the Clarabel package: pip install clarabel "
+                          "(or pip install 'torchdiffopt[clarabel]')") from err
+    return clarabel
+
+
+def clarabel_cones(cones) -> tuple[list, sp.csr_matrix, sp.csr_matrix]:
+    """Clarabel's cones for SCS's ``cones`` (same row order), with the row map ``W`` and
+    ``W⁻¹`` of the module docstring (``s' = W s``)."""
+    clarabel = require_clarabel()
+    dims = ConeDims.from_dict(cones)
+    out = []
+    if dims.z:
+        out.append(clarabel.ZeroConeT(dims.z))
+    if dims.l:
+        out.append(clarabel.NonnegativeConeT(dims.l))
+    out += [clarabel.SecondOrderConeT(d) for d in dims.q]
+    out += [clarabel.PSDTriangleConeT(d) for d in dims.s]
+    out += [clarabel.ExponentialConeT() for _ in range(dims.ep + dims.ed)]
+    out += [clarabel.PowerConeT(abs(a)) for a in dims.p]
+
+    # W and W⁻¹ from (row, column, value) triples: identity on the zero, nonnegative and
+    # second-order rows, permutations on the PSD rows, 3 × 3 blocks on the ep, ed, p rows
+    m, start = dims.size, dims.z + dims.l + sum(dims.q)
+    rows, cols = [np.arange(start)], [np.arange(start)]
+    for d in dims.s:
+        r, c, _ = svec_entries(d)
+        rows.append(start + r * (r + 1) // 2 + c)
+        cols.append(start + np.arange(len(r)))
+        start += len(r)
+    rows, cols = np.concatenate(rows), np.concatenate(cols)
+    scale = np.array([[-1 / a, 1 / (1 + a), 1.0] if a < 0 else [1.0, 1.0, 1.0]
+                      for a in dims.p]).reshape(-1, 3)
+    blocks = np.concatenate((np.broadcast_to(np.eye(3), (dims.ep, 3, 3)),
+                             np.broadcast_to(_ED, (dims.ed, 3, 3)),
+                             scale[:, :, None] * np.eye(3)))
+    inverses = np.concatenate((np.broadcast_to(np.eye(3), (dims.ep, 3, 3)),
+                               np.broadcast_to(_ED_INV, (dims.ed, 3, 3)),
+                               np.eye(3) / scale[:, :, None]))
+    first = start + 3 * np.arange(len(blocks))[:, None, None]
+    b_rows = np.broadcast_to(first + np.arange(3)[:, None], blocks.shape).ravel()
+    b_cols = np.broadcast_to(first + np.arange(3), blocks.shape).ravel()
+    ones = np.ones(len(rows))
+
+    def matrix(values, r, c):
+        return sp.csr_matrix((values, (r, c)), shape=(m, m))
+
+    W = matrix(np.r_[ones, blocks.ravel()], np.r_[rows, b_rows], np.r_[cols, b_cols])
+    W_inv = matrix(np.r_[ones, inverses.ravel()], np.r_[cols, b_rows], np.r_[rows, b_cols])
+    return out, W, W_inv
+
+
+def solve_clarabel_conic(A, b, c, cones, P=None, *, accept: float = ACCEPT_RESIDUAL,
+                         **options) -> ConicSolution:
+    """Solve the cone program with Clarabel (``options`` are Clarabel settings overriding
+    :data:`DEFAULTS`, e.g. ``tol_gap_abs``, ``max_iter``, ``verbose``). The answer is in
+    SCS's conventions (module docstring).
+
+    Raises :class:`~torchdiffopt.errors.InfeasibleError` or
+    :class:`~torchdiffopt.errors.UnboundedError` when Clarabel returns a certificate (also an
+    "almost" one), :class:`~torchdiffopt.errors.NonconvexError` for an indefinite ``P``,
+    ``ValueError`` for inconsistent sizes, non-finite data or an unknown setting,
+    :class:`~torchdiffopt.errors.SolverError` when Clarabel stops without a solution or its
+    point has a relative residual above ``accept``, and ImportError without Clarabel."""
+    clarabel = require_clarabel()
+    pr = cone_program(A, b, c, cones, P)
+    n = pr.shape[1]
+    K, W, W_inv = clarabel_cones(pr.dims)
+    settings = clarabel.DefaultSettings()
+    for key, value in {**DEFAULTS, **options}.items():
+        if not hasattr(settings, key):
+            raise ValueError(f"unknown Clarabel setting {key!r}")
+        setattr(settings, key, value)
+    P_upper = sp.csc_matrix((n, n)) if pr.P is None else sp.triu(pr.P, format="csc")
+    result = clarabel.DefaultSolver(P_upper, pr.c, sp.csc_matrix(W @ pr.A), W @ pr.b, K,
+                                    settings).solve()
+    status, iters = str(result.status), int(result.iterations)
+    if status in _INFEASIBLE:
+        raise InfeasibleError(f"infeasible: Clarabel found a certificate that no x gives "
+                              f"A x + s = b with s in the cone (status {status!r})")
+    if status in _UNBOUNDED:
+        raise UnboundedError(f"unbounded: Clarabel found a direction improving the objective "
+                             f"without limit (status {status!r})")
+    if status not in _SOLVED:
+        raise SolverError(f"Clarabel stopped without a solution (status {status!r} after "
+                          f"{iters} iterations)")
+    y = W.T @ np.asarray(result.z, dtype=np.float64)
+    s = W_inv @ np.asarray(result.s, dtype=np.float64)
+    return certify(pr, result.x, y, s, "Clarabel", status, iters, accept)
