@@ -34,8 +34,9 @@ def quadratic_diff_model(solver: str | None = None) -> Model:
 
 
 def conic_diff_model(solver: str | None = "scs") -> Model:
-    """A model solved as a cone program by SCS and differentiated through the residual map
-    of its homogeneous self-dual embedding (cones, norm atoms; LPs and QPs too)."""
+    """A model solved as a cone program by SCS (or Clarabel: ``solver="clarabel"``) and
+    differentiated through the residual map of its homogeneous self-dual embedding (cones,
+    norm atoms; LPs and QPs too)."""
     return Model(solver=solver, backend="conic")
 
 

@@ -59,12 +59,13 @@ class ObjectiveRef:
 class Model:
     """An optimization model with parameters, solved and differentiated as a whole.
 
-    ``solver`` names the solver (``"highs"``, ``"scs"``, ``"slsqp"``; ``None`` or ``"auto"``
-    picks one) and ``backend`` the differentiation backend: ``"quadratic"`` (KKT of an LP or
-    convex QP), ``"nonlinear"`` (KKT of a smooth NLP at a local solution), ``"conic"`` (the
-    residual map of a cone program, solved by SCS) or ``"auto"`` (conic when a cone
-    constraint or a norm atom appears, else quadratic when the objective is at most quadratic
-    and the constraints affine, else nonlinear).
+    ``solver`` names the solver (``"highs"``, ``"scs"``, ``"clarabel"``, ``"slsqp"``; ``None``
+    or ``"auto"`` picks one) and ``backend`` the differentiation backend: ``"quadratic"`` (KKT
+    of an LP or convex QP), ``"nonlinear"`` (KKT of a smooth NLP at a local solution),
+    ``"conic"`` (the residual map of a cone program, solved by SCS or Clarabel) or ``"auto"``
+    (conic when a cone constraint or a norm atom appears, else nonlinear when the objective
+    is more than quadratic or a constraint not affine, else quadratic, or conic when the
+    solver is Clarabel).
     """
 
     def __init__(self, solver: str | None = None, backend: str = "auto"):
