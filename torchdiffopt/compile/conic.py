@@ -24,8 +24,8 @@ built, as a coefficient form, from three kinds of rows:
 * **bound rows**: ``x_j - lb_j ∈ ℝ₊``, ``ub_j - x_j ∈ ℝ₊`` (``x_j - lb_j ∈ {0}`` if fixed);
 * **atom rows**: ``norm2(e) → t``, ``(t, e) ∈ SOC``; ``norm_inf(e) → t``, ``t ± e ∈ ℝ₊``;
   ``norm1(e) → Σu``, ``u ± e ∈ ℝ₊``. The epigraph is exact when every atom may only be
-  pushed down; that is checked on the numbers (weights may be parameters):
-  :class:`~torchdiffopt.errors.NonconvexError` otherwise. A ``norm2`` alone in one
+  pushed down; that is checked on the numbers (weights may be parameters), per batch
+  member (``ConicData.margins``): :class:`~torchdiffopt.errors.NonconvexError` otherwise. A ``norm2`` alone in one
   inequality row and nowhere else is *inlined* instead: the row ``κ·norm2(e) + h ≤ 0``
   (``≥``: sign ``σ = +1``) becomes ``(σh, |κ|e) ∈ SOC``, its first entry by ``T`` — no
   epigraph variable, whose value would not be unique while the bound is inactive.
@@ -57,7 +57,8 @@ from ..backends.cones import ConeDims, svec_entries
 from ..backends.quadratic import bound_rows
 from ..errors import NonconvexError
 from ..modeling.atoms import NormAtom, atoms_in
-from ..modeling.canonical import Canon, Terms, empty_terms, stack, take_last
+from ..modeling.canonical import (Canon, Terms, cat_last, empty_terms, scatter_add_last, stack,
+                                  take_last)
 from ..modeling.expressions import Evaluator
 from ..modeling.sets import ConeConstraint
 from .layout import SENSE_CODES, DataForm
@@ -91,6 +92,10 @@ class ConicData:
     b: torch.Tensor
     cones: ConeDims
     T: sp.csr_matrix  # (cone rows, user rows)
+    #: quantities that must be ≥ 0 for the epigraph of the norm atoms to be exact: the
+    #: atoms' objective weights, then their signed coefficients in the user's rows
+    #: (:meth:`ConicForm.nonconvex_error` names the first negative one)
+    margins: torch.Tensor
 
     def values(self) -> tuple:
         """The parameter-dependent tensors, in a fixed order (for autograd and jvp)."""
@@ -298,23 +303,30 @@ class ConicForm(DataForm):
         self._const = np.concatenate(const)
 
     # -- data -----------------------------------------------------------------------------
-    def data(self, parameter_values: dict) -> ConicData:
-        """Evaluate ``P, c, r, A, b`` for ``parameter_values`` (Parameter → tensor); raises
-        :class:`~torchdiffopt.errors.NonconvexError` where an atom is not pushed down."""
+    def data(self, parameter_values: dict, check: bool = True) -> ConicData:
+        """Evaluate ``P, c, r, A, b`` for ``parameter_values`` (Parameter → tensor, each with
+        optional leading batch dimensions, which the values then carry). With ``check``,
+        raises :class:`~torchdiffopt.errors.NonconvexError` where an atom is not pushed down
+        (:meth:`nonconvex_error`); without, the caller reads ``margins`` per member."""
         ev = ConicEvaluator(parameter_values, self.epigraph)
         dtype = ev.dtype
         obj = None if self.objective_expression is None else ev.canon(self.objective_expression)
         P_rows, P_cols, P_vals, c, r = quadratic_objective(obj, float(self.objective_sign),
                                                            self.n_total, dtype)
-        self._check_objective(P_rows, c)
+        if np.any(P_rows >= self.n):
+            atom = self._aux_atoms[P_rows[P_rows >= self.n][0] - self.n]
+            raise ValueError(f"{atom.name}(...) appears in a product in the objective: norm "
+                             "atoms enter objectives linearly, with a nonnegative weight "
+                             "(for ‖x‖² write tdo.sum_squares(x))")
         rows, cols, coef = self._fixed
         slack = Canon(self.rows, torch.as_tensor(self._const, dtype=dtype),
                       Terms(rows, (cols,), torch.as_tensor(coef, dtype=dtype)),
                       empty_terms(2, torch.zeros(0, dtype=dtype)))
         kappa = {}
+        margins = [c[..., self.n:]]
         if self.constraints:
             g = stack([ev.canon(con.relation.expression) for con in self.constraints])
-            self._check_rows(g)
+            margins.append(self._row_margins(g))
             if self._inline:  # the inlined atoms' coefficients κ leave g for their cones
                 cols = g.lin.vars[0]
                 kappa = {a: take_last(g.lin.vals, np.flatnonzero(cols == self.epigraph[a]))
@@ -327,9 +339,23 @@ class ConicForm(DataForm):
         for atom, atom_rows in self._atom_rows:
             slack = slack + self._epigraph_rows(ev, atom, kappa.get(atom)).reduce(atom_rows,
                                                                                   self.rows)
-        return ConicData(self.n, self.n_total, P_rows, P_cols, P_vals, c, r,
+        data = ConicData(self.n, self.n_total, P_rows, P_cols, P_vals, c, r,
                          slack.lin.rows, slack.lin.vars[0], -slack.lin.vals, slack.const,
-                         self.cones, self.T)
+                         self.cones, self.T, cat_last(margins))
+        if check:
+            flat = data.margins.detach().flatten(0, -2) if data.margins.dim() > 1 \
+                else data.margins.detach()[None]
+            for j, member in enumerate(flat.numpy()):
+                err = self.nonconvex_error(member)
+                if err is not None:
+                    raise (type(err)(f"batch member {j}: {err}") if data.margins.dim() > 1
+                           else err)
+        return data
+
+    def data_values(self, *parameter_tensors: torch.Tensor) -> tuple:
+        """``data(θ).values()`` as a pure function of the parameter tensors (for torch.func;
+        no convexity check, which needs the numbers: see ``margins``)."""
+        return self.data(dict(zip(self.parameters, parameter_tensors)), check=False).values()
 
     def _epigraph_rows(self, ev: ConicEvaluator, atom: NormAtom, kappa=None) -> Canon:
         """The cone rows of an atom (module docstring), as a coefficient form; for an
@@ -345,37 +371,39 @@ class ConicForm(DataForm):
                  if atom.name == "norm_inf" else Canon.variable(offset, k, ev.dtype))
         return stack([bound + e.scale(torch.full((k,), -1.0, dtype=ev.dtype)), bound + e])
 
-    def _check_objective(self, P_rows: np.ndarray, c: torch.Tensor) -> None:
-        if np.any(P_rows >= self.n):
-            atom = self._aux_atoms[P_rows[P_rows >= self.n][0] - self.n]
-            raise ValueError(f"{atom.name}(...) appears in a product in the objective: norm "
-                             "atoms enter objectives linearly, with a nonnegative weight "
-                             "(for ‖x‖² write tdo.sum_squares(x))")
-        weights = c.detach()[self.n:]
-        if (weights < 0).any():
-            atom = self._aux_atoms[int(torch.nonzero(weights < 0)[0])]
+    def _row_margins(self, g: Canon) -> torch.Tensor:
+        """The margins of the atoms' coefficients in the user's rows ``g`` (entries on the
+        same row and atom added up): ``-|κ|`` in ``==`` rows, ``κ`` in ``<=`` rows, ``-κ``
+        in ``>=`` rows and cones. Records the rows and atoms they belong to."""
+        on_atom = np.flatnonzero(g.lin.vars[0] >= self.n)
+        keys = g.lin.rows[on_atom] * len(self._aux_atoms) + g.lin.vars[0][on_atom] - self.n
+        unique, where = np.unique(keys, return_inverse=True)
+        coef = scatter_add_last(take_last(g.lin.vals, on_atom), where, len(unique))
+        self._margin_rows, self._margin_atoms = np.divmod(unique, len(self._aux_atoms))
+        sense = torch.as_tensor(self.sense[self._margin_rows].astype(np.float64),
+                                dtype=coef.dtype)
+        return torch.where(sense == 0, -coef.abs(), torch.where(sense < 0, coef, -coef))
+
+    def nonconvex_error(self, margins: np.ndarray) -> NonconvexError | None:
+        """The error of one member's ``margins`` (:class:`ConicData`), or None when every
+        atom is pushed down: a negative weight in the objective, or an atom bounded from
+        below or in an equality."""
+        bad = np.flatnonzero(margins < 0)
+        if not len(bad):
+            return None
+        i, weights = int(bad[0]), self.n_total - self.n
+        if i < weights:
+            atom = self._aux_atoms[i]
             verb = "maximized" if self.objective_sign < 0 else "minimized"
-            raise NonconvexError(
+            return NonconvexError(
                 f"the objective is not convex: {atom.name}(...) has a negative weight in a "
                 f"{verb} objective (a norm may be minimized, or maximized with a negative "
                 "weight, never the other way)")
-
-    def _check_rows(self, g: Canon) -> None:
-        """Each atom's coefficient must be ≥ 0 in ``<=`` rows and ≤ 0 in ``>=`` rows."""
-        on_atom = g.lin.vars[0] >= self.n
-        if not on_atom.any():
-            return
-        coef = sp.coo_matrix((g.lin.vals.detach().numpy()[on_atom],
-                              (g.lin.rows[on_atom], g.lin.vars[0][on_atom] - self.n)),
-                             shape=(self.m, len(self._aux_atoms))).tocsr().tocoo()
-        sense = self.sense[coef.row]
-        bad = (coef.data != 0) & ((sense == 0) | (sense * coef.data > 0))
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            con = self.constraints[self._constraint_of_row[coef.row[i]]]
-            name = self._aux_atoms[coef.col[i]].name
-            how = "in an equality" if sense[i] == 0 else \
-                f"bounded from below (as in {name}(x) >= t)"
-            raise NonconvexError(
-                f"constraint {con.name!r} is not convex: {name}(...) is {how}; a norm may only "
-                f"be bounded from above ({name}(x) <= t) or minimized")
+        row = self._margin_rows[i - weights]
+        atom = self._aux_atoms[self._margin_atoms[i - weights]]
+        con = self.constraints[self._constraint_of_row[row]]
+        how = "in an equality" if self.sense[row] == 0 else \
+            f"bounded from below (as in {atom.name}(x) >= t)"
+        return NonconvexError(
+            f"constraint {con.name!r} is not convex: {atom.name}(...) is {how}; a norm may only "
+            f"be bounded from above ({atom.name}(x) <= t) or minimized")
