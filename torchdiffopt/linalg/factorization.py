@@ -9,7 +9,10 @@ Two variants sit behind :func:`factorize_symmetric`:
 * :class:`DenseFactorization` — torch ``lu_factor_ex`` on (optionally batched) dense matrices;
   the singularity check reads the pivots of ``U``. A singular matrix falls back to the
   Moore–Penrose pseudo-inverse from ``eigh``: ``z = K⁺ b`` is the minimum-norm least-squares
-  solution, and ``K⁺`` is symmetric, so the adjoint identity still holds exactly.
+  solution, and ``K⁺`` is symmetric, so the adjoint identity still holds exactly. It also
+  takes nonsymmetric matrices (``symmetric=False``: the pseudo-inverse from the SVD, and
+  solves with ``Kᵀ`` by ``transpose=True``, with ``(K⁺)ᵀ = (Kᵀ)⁺`` where singular), as the
+  conic backend's residual-map Jacobian needs.
 * :class:`SparseFactorization` — scipy's SuperLU on CSC matrices, for systems too large to
   hold densely. A singular matrix falls back to LSMR, whose iterates started at zero converge
   to the minimum-norm least-squares solution.
@@ -33,9 +36,10 @@ DENSE_MAX_ORDER = 1500
 
 
 class DenseFactorization:
-    """LU of a dense (batched) symmetric matrix ``K`` of shape ``(*batch, N, N)``."""
+    """LU of a dense (batched) matrix ``K`` of shape ``(*batch, N, N)``, symmetric unless
+    ``symmetric=False``."""
 
-    def __init__(self, K: torch.Tensor, rtol: float = SINGULAR_RTOL):
+    def __init__(self, K: torch.Tensor, rtol: float = SINGULAR_RTOL, symmetric: bool = True):
         self.order = K.shape[-1]
         self._pinv = None
         if self.order == 0:
@@ -47,20 +51,32 @@ class DenseFactorization:
         self.singular = (info != 0) | (diag.amin(dim=-1) <= rtol * self.order * scale)
         self._lu, self._pivots = lu, pivots
         if bool(self.singular.any()):
-            # eigh-based pseudo-inverse for the singular members of the batch
-            w, V = torch.linalg.eigh(K)
-            cutoff = 1e3 * torch.finfo(K.dtype).eps * self.order * w.abs().amax(-1, keepdim=True)
-            inv_w = torch.where(w.abs() > cutoff, 1.0 / w, torch.zeros_like(w))
-            self._pinv = (V * inv_w.unsqueeze(-2)) @ V.transpose(-1, -2)
+            # pseudo-inverse of the singular members of the batch only, singular values (or
+            # eigenvalue magnitudes) below the cutoff dropped
+            self._members = self.singular.reshape(-1).nonzero().squeeze(-1)
+            Ks = K.reshape(-1, self.order, self.order)[self._members]
+            rel = 1e3 * torch.finfo(K.dtype).eps * self.order
+            if symmetric:
+                w, V = torch.linalg.eigh(Ks)
+                cutoff = rel * w.abs().amax(-1, keepdim=True)
+                inv_w = torch.where(w.abs() > cutoff, 1.0 / w, torch.zeros_like(w))
+                self._pinv = (V * inv_w.unsqueeze(-2)) @ V.transpose(-1, -2)
+            else:
+                self._pinv = torch.linalg.pinv(Ks, rtol=rel)
 
-    def solve(self, rhs: torch.Tensor) -> torch.Tensor:
-        """``K⁻¹ rhs`` (``K⁺ rhs`` where ``K`` is singular); ``rhs`` is ``(*batch, N, k)``."""
+    def solve(self, rhs: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """``K⁻¹ rhs`` (``K⁺ rhs`` where ``K`` is singular), or with ``transpose``
+        ``K⁻ᵀ rhs`` (``(K⁺)ᵀ rhs``); ``rhs`` is ``(*batch, N, k)``."""
         if self.order == 0:
             return rhs
-        z = torch.linalg.lu_solve(self._lu, self._pivots, rhs)
+        z = torch.linalg.lu_solve(self._lu, self._pivots, rhs, adjoint=transpose)
         if self._pinv is not None:
+            pinv = self._pinv.transpose(-1, -2) if transpose else self._pinv
+            flat = z.reshape(-1, *z.shape[-2:])
+            least_squares = flat.index_copy(
+                0, self._members, pinv @ rhs.expand_as(z).reshape(flat.shape)[self._members])
             mask = self.singular.reshape(*self.singular.shape, 1, 1)
-            z = torch.where(mask, self._pinv @ rhs, z)
+            z = torch.where(mask, least_squares.reshape(z.shape), z)
         return z
 
 
