@@ -119,3 +119,66 @@ def plots(results, directory) -> list[str]:
         plt.close(fig)
         written.append(str(path))
     return written
+
+
+#: the speed targets of the performance issue: workload → (peer name prefix, least speedup)
+SPEED_TARGETS = {
+    "W1": (("qpth", 2.0), ("cvxpylayers", 10.0)),
+    "W2": (("qpth", 4.0), ("cvxpylayers", 20.0)),
+    "W3": (("cvxpylayers", 5.0),),
+    "W4": (("cvxpylayers", 3.0),),
+    "W5": (("qpth", 1.0), ("cvxpylayers", 1.0)),
+}
+#: W1's gradient accuracy target, against central differences
+W1_GRADIENT_TOL = 1e-5
+#: W6: time(k = 50) / time(k = 1) at most; W7: backward / (LU + solve) at most
+SOBOLEV_TARGET, FLOOR_TARGET = 2.0, 2.0
+
+
+def default_method(results: list[Result]) -> Result | None:
+    """The method a user gets without choosing: ``torchdiffopt[auto]`` where it ran, else
+    the first of ours that did (W4's conic layer: SCS, the conic default)."""
+    ours = [r for r in results if r.kind == "ours" and r.status == "ok"]
+    auto = [r for r in ours if r.method == "torchdiffopt[auto]"]
+    return (auto or ours or [None])[0]
+
+
+def verdict_table(runs, sobolev_rows, floor_rows) -> list[str]:
+    """One row per target and case: the default method's speedup over each peer's fastest
+    variant (``cvxpylayers`` is judged by the quicker of its SCS and Clarabel runs), and
+    whether the target is met."""
+    lines = ["| workload | case | ours | target | measured | met |", "|---|---|---|---|---|---|"]
+    for case, results in runs:
+        ours = default_method(results)
+        if ours is None:
+            continue
+        for peer, least in SPEED_TARGETS.get(case.workload, ()):
+            times = [r.total_s for r in results
+                     if r.kind == "peer" and r.status == "ok" and r.method.startswith(peer)]
+            if not times:
+                continue
+            speedup = min(times) / ours.total_s
+            lines.append(f"| {case.workload} | {case.label} | {ours.method} | ≥ {least:g}× "
+                         f"faster than {peer} | {speedup:.2f}× | "
+                         f"{'yes' if speedup >= least else 'no'} |")
+        if case.workload == "W1" and ours.fd_error is not None:
+            lines.append(f"| W1 | {case.label} | {ours.method} | gradient error ≤ "
+                         f"{W1_GRADIENT_TOL:g} | {ours.fd_error:.0e} | "
+                         f"{'yes' if ours.fd_error <= W1_GRADIENT_TOL else 'no'} |")
+    by_method = {}
+    for r in sobolev_rows:
+        by_method.setdefault(r["method"], []).append(r)
+    for method, rows in by_method.items():
+        last = rows[-1]
+        if method.startswith("torchdiffopt"):
+            lines.append(f"| W6 | k = {last['k']} | {method} ({last['mode']}) | time(k) / "
+                         f"time(k=1) ≤ {SOBOLEV_TARGET:g} | {last['ratio_to_k1']:.2f} | "
+                         f"{'yes' if last['ratio_to_k1'] <= SOBOLEV_TARGET else 'no'} |")
+    for r in floor_rows:
+        if r["method"] == "torchdiffopt[auto]" or not any(
+                f["method"] == "torchdiffopt[auto]" for f in floor_rows):
+            ratio = r["ratio_factor_solve"]
+            lines.append(f"| W7 | {r['workload']} {r['case']} | {r['method']} | backward ≤ "
+                         f"{FLOOR_TARGET:g} × (LU + solve) | {ratio:.2f} | "
+                         f"{'yes' if ratio <= FLOOR_TARGET else 'no'} |")
+    return lines
