@@ -89,3 +89,30 @@ def test_bad_inputs():
         tdo.functional.qp(Q, p, G=G_inf, h=h_inf)
     x = tdo.functional.qp(Q, p, G=G_inf, h=h_inf, on_failure="nan")
     assert torch.isnan(x[1]).all() and torch.isfinite(x[0]).all()
+
+
+@pytest.mark.parametrize("B, solver", [(4, "auto"), (40, "auto"), (40, "ipm"), (4, "qpth")])
+def test_convexity_is_judged_per_member(B, solver):
+    """Eigenvalues set by construction, P = V diag(λ) Vᵀ: an indefinite member fails as
+    nonconvex and loses nothing else; a singular PSD one (λ_min = 0, or -1e-13 ‖P‖ from
+    rounding) is convex, though not strictly convex as qpth needs."""
+    Q, p, G, h = optnet_qp(B, 4, 6, seed=5)
+    gen = torch.Generator().manual_seed(1)
+    V, _ = torch.linalg.qr(torch.randn(4, 4, dtype=F64, generator=gen))
+
+    def with_eigenvalues(*lam):
+        return V @ torch.diag(torch.tensor(lam, dtype=F64)) @ V.T
+    Q = Q.clone()
+    Q[0] = with_eigenvalues(3.0, 2.0, 1.0, -0.5)      # indefinite
+    Q[1] = with_eigenvalues(3.0, 2.0, 1.0, 0.0)       # PSD, singular
+    Q[2] = with_eigenvalues(3.0, 2.0, 1.0, -3e-13)    # PSD up to rounding
+    G = torch.cat((G, torch.eye(4, dtype=F64).expand(B, -1, -1),
+                   -torch.eye(4, dtype=F64).expand(B, -1, -1)), 1)
+    h = torch.cat((h, torch.full((B, 8), 10.0, dtype=F64)), 1)  # a box: bounded
+    with pytest.raises(tdo.NonconvexError, match=r"\[0\] nonconvex"):
+        tdo.functional.qp(Q, p, G=G, h=h, solver=solver)
+    x = tdo.functional.qp(Q, p, G=G, h=h, solver=solver, on_failure="nan")
+    assert torch.isnan(x[0]).all()
+    strict_only = solver == "qpth"
+    assert torch.isnan(x[1]).all() == strict_only and torch.isnan(x[2]).all() == strict_only
+    assert torch.isfinite(x[3:]).all()
