@@ -1,122 +1,222 @@
-"""``conic(A, b, c, cones)``: a cone program's solution as a differentiable torch function.
+"""Cone programs as differentiable torch functions, for a batch: ``ConicSolve`` and ``conic()``.
 
-Solves ``min ½ xᵀPx + cᵀx  s.t.  A x + s = b,  s ∈ K`` with SCS
-(:func:`~torchdiffopt.solvers.scs_conic.solve_scs_conic`) or Clarabel
-(:func:`~torchdiffopt.solvers.clarabel_conic.solve_clarabel_conic`, same conventions) and
-differentiates the solution through the conic backend (:class:`~torchdiffopt.backends.conic.ConicDerivative`): backward
-is its vector-Jacobian product (the exact adjoint), ``jvp`` its Jacobian-vector product, so
-``torch.autograd.gradcheck(..., check_forward_ad=True)`` and ``torch.func.jvp`` work. A drop-in
-for diffcp's ``solve_and_derivative`` / cvxpylayers on raw data, in SCS's conventions:
-``y`` is SCS's dual (the shadow price of row ``i`` is ``∂f*/∂b_i = -y_i``), and PSD cones
-are in :func:`~torchdiffopt.backends.cones.svec` form (build ``b`` or ``A`` from symmetric
-matrices with :func:`~torchdiffopt.backends.cones.svec`, which is differentiable).
+``ConicSolve.apply(call, P_vals, c, A_vals, b, margins) → (x, y, s)`` takes ``B`` cone programs
+``min ½ xᵀPx + cᵀx  s.t.  A x + s = b,  s ∈ K`` that share their sizes, cones and the sparsity
+patterns of ``A`` and ``P`` (:class:`~torchdiffopt.backends.batched_conic.ConicPattern`):
+the stored entries are value tensors with a leading batch dimension. It solves every member
+with SCS (:func:`~torchdiffopt.solvers.scs_conic.solve_scs_conic`) or Clarabel
+(:func:`~torchdiffopt.solvers.clarabel_conic.solve_clarabel_conic`, same conventions) in a
+thread pool (both release the GIL while they iterate), refines each point by Newton steps on
+the residual map (:class:`~torchdiffopt.backends.conic.ResidualMap`), and differentiates the
+batch with respect to the data through
+:class:`~torchdiffopt.backends.batched_conic.BatchedConicDerivative`: one batched dense LU of
+the residual-map Jacobians for ``n + m`` up to ``DENSE_MAX_ORDER`` (then ``backward``,
+``jvp``, ``vmap``, ``jacrev``, ``jacfwd`` are torch operations), one sparse factorization per
+member above. Conventions are SCS's: ``y ∈ K*`` is its dual (``P x + Aᵀy + c = 0``; the shadow
+price of row ``i`` is ``∂f*/∂b_i = -y_i``), ``s = b - A x ∈ K``, PSD cones in
+:func:`~torchdiffopt.backends.cones.svec` form.
+
+Each member's outcome is recorded (``call.status``, ``call.errors``): failed members give NaN
+rows and zero derivatives, the others are unaffected. ``margins`` (``(B, k)``, ``k`` may be
+0) are quantities a member's data must keep nonnegative to be the program meant (the norm
+atoms' epigraph of :mod:`torchdiffopt.compile.conic`); a member with a negative one is not
+solved (status ``"nonconvex"``).
+
+The :class:`~torchdiffopt.Layer` (conic backend) and :func:`conic` are thin clients.
 """
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
+
 import numpy as np
+import scipy.sparse as sp
 import torch
 
-from .backends.conic import ConicDerivative
-from .backends.cones import ConeDims
+from .backends.batched_conic import (BatchedConicDerivative, ConicPattern, SparseSystems,
+                                     refine_dense)
+from .backends.conic import ConicDerivative, ResidualMap
+from .backends.cones import ConeDims, kinks, project
+from .errors import DegenerateSolutionWarning
+from .qp_function import vmap_by_folding
 from .solvers import conic_solver
+from .solvers.batch import solve_each, status_of
 
 _F64 = torch.float64
-_NAMES = ("A", "b", "c", "P")
 _NDIM = {"A": 2, "b": 1, "c": 1, "P": 2}  # unbatched number of dimensions
 
 
-class _Call:
-    """One call of :class:`ConicSolve`: fixed settings in, the factorized derivatives out."""
+class ConicStructure:
+    """The fixed part of a batch of cone programs: the pattern, the cones, how to solve
+    (``solve``, a conic adapter, with ``solver_options``; ``refine``; ``n_jobs`` threads) and
+    ``nonconvex_error`` (one member's margins → the error to report, or None)."""
 
-    def __init__(self, dims: ConeDims, batched: dict, refine: bool, solve, solver_options: dict):
-        self.dims, self.batched = dims, batched
-        self.refine, self.solve, self.solver_options = refine, solve, solver_options
-        self.members: list[ConicDerivative] = []
+    def __init__(self, pattern: ConicPattern, cones, solve, solver_options=None,
+                 refine: bool = True, n_jobs: int | None = None, nonconvex_error=None):
+        self.pattern, self.dims = pattern, ConeDims.from_dict(cones)
+        self.solve, self.solver_options = solve, dict(solver_options or {})
+        self.refine, self.n_jobs, self.nonconvex_error = refine, n_jobs, nonconvex_error
 
 
-def _member(t, b: int, batched: bool):
-    return None if t is None else (t[b] if batched else t)
+class ConicCall:
+    """One call of :class:`ConicSolve`: its structure, and the side channel through which
+    ``forward`` hands the derivative and per-member statuses on."""
+
+    def __init__(self, structure: ConicStructure):
+        self.structure = structure
+        self.derivative: BatchedConicDerivative | None = None
+        self.status: list[str] = []
+        self.errors: dict[int, Exception] = {}
 
 
-def _numpy(t):
-    if t is None:
-        return None
-    if torch._C._functorch.is_functorch_wrapped_tensor(t):
-        raise NotImplementedError(
-            "conic() does not support torch.func transforms yet (its solves run in numpy): "
-            "use backward() and forward-mode AD (torch.autograd.forward_ad, gradcheck)")
-    return t.detach().to("cpu", _F64).numpy()
+@dataclass
+class _Member:
+    """One solved member: its point and kinks (once refined), and its residual map (dense
+    path, refined with the batch) or its factorized :class:`ConicDerivative` (sparse path)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    s: np.ndarray
+    kinks: list | None = None
+    map: ResidualMap | None = None
+    derivative: ConicDerivative | None = None
+
+
+def _solve_member(st: ConicStructure, P_vals, c, A_vals, b) -> _Member:
+    pt = st.pattern
+    A = sp.csc_matrix((A_vals, (pt.A_rows, pt.A_cols)), shape=(pt.m, pt.n))
+    P = sp.csc_matrix((P_vals, (pt.P_rows, pt.P_cols)), shape=(pt.n, pt.n)) \
+        if len(pt.P_rows) else None
+    sol = st.solve(A, b, c, st.dims, P, **st.solver_options)
+    if pt.dense:
+        return _Member(sol.x, sol.y, sol.s, map=ResidualMap(A, b, c, st.dims, P, dense=True))
+    d = ConicDerivative(A, b, c, st.dims, sol.x, sol.y, sol.s, P, refine=st.refine,
+                        dense=False, warn=False)
+    return _Member(d.x, d.y, d.s, d.kinks, derivative=d)
+
+
+def _solve_batch(call: ConicCall, P_vals, c, A_vals, b, margins):
+    """Solve, refine and factorize every member; ``(x, y, s)`` with NaN rows for failed
+    members; the derivative and statuses are left on ``call``."""
+    st, pt = call.structure, call.structure.pattern
+    B, device = c.shape[0], c.device
+    arrays = [t.detach().cpu().to(_F64).numpy() for t in (P_vals, c, A_vals, b, margins)]
+    status, errors, todo = ["optimal"] * B, {}, []
+    for j in range(B):
+        err = None if st.nonconvex_error is None else st.nonconvex_error(arrays[4][j])
+        if not all(np.isfinite(a[j]).all() for a in arrays[:4]):
+            status[j], errors[j] = "invalid_data", ValueError("the problem data contain NaN or inf")
+        elif err is not None:
+            status[j], errors[j] = "nonconvex", err
+        else:
+            todo.append(j)
+    outcomes = solve_each(todo, lambda j: _solve_member(st, *(a[j] for a in arrays[:4])),
+                          st.n_jobs)
+    members: list[_Member | None] = [None] * B
+    for j, out in zip(todo, outcomes):
+        status[j] = status_of(out)
+        if isinstance(out, Exception):
+            errors[j] = out
+        else:
+            members[j] = out
+    valid = torch.tensor([mb is not None for mb in members], device=device)
+    if pt.dense:
+        z = np.zeros((B, pt.n + pt.m))
+        for j, mb in enumerate(members):
+            if mb is not None:
+                z[j] = np.concatenate(mb.map.start(mb.x, mb.y, mb.s))
+        keep = valid.reshape(B, 1)
+        z, systems = refine_dense(pt, [mb and mb.map for mb in members], z,
+                                  torch.where(keep, P_vals.detach().to(_F64), 0.0),
+                                  torch.where(keep, A_vals.detach().to(_F64), 0.0), valid,
+                                  st.refine)
+        for j, mb in enumerate(members):
+            if mb is not None:
+                v = z[j, pt.n:]
+                mb.x, mb.y = z[j, :pt.n], project(v, st.dims, dual=True)
+                mb.s, mb.kinks = mb.y - v, kinks(v, st.dims, dual=True)
+    else:
+        systems = SparseSystems([mb and mb.derivative for mb in members], device)
+    x, y, s = (np.zeros((B, size)) for size in (pt.n, pt.m, pt.m))
+    for j, mb in enumerate(members):
+        if mb is not None:
+            x[j], y[j], s[j] = mb.x, mb.y, mb.s
+    x, y, s = (torch.as_tensor(a, dtype=_F64, device=device) for a in (x, y, s))
+    call.derivative = BatchedConicDerivative(pt, x, y, systems, valid)
+    call.status, call.errors = status, errors
+    _warn_degenerate(torch.nonzero(systems.singular).flatten().tolist(),
+                     {j: mb.kinks for j, mb in enumerate(members) if mb is not None and mb.kinks})
+    nan = torch.tensor(torch.nan, dtype=_F64, device=device)
+    keep = valid.reshape(B, 1)
+    return tuple(torch.where(keep, t, nan) for t in (x, y, s))
+
+
+def _warn_degenerate(singular: list, kinked: dict) -> None:
+    if singular:
+        warnings.warn(DegenerateSolutionWarning(
+            f"batch members {singular}: the cone program's derivative matrix M is singular "
+            "(the primal or dual solution is not unique); their derivatives are the "
+            "minimum-norm least-squares solution of the linearized optimality conditions "
+            "(exact along data directions that keep a solution path)"), stacklevel=6)
+    if kinked:
+        shown = "; ".join(f"[{j}] {', '.join(k[:4])}" for j, k in list(kinked.items())[:5])
+        warnings.warn(DegenerateSolutionWarning(
+            f"strict complementarity fails at cones of batch members {shown} (slack and dual "
+            "both on a nonsmooth part of the boundary): derivatives there are one-sided, "
+            "taken on the side of the solver's point"), stacklevel=6)
 
 
 class ConicSolve(torch.autograd.Function):
-    """``(A, b, c, P) ↦ (x, y, s)`` for a batch ``B`` (leading dimension of the outputs);
-    inputs flagged unbatched in the call broadcast over it. ``P`` may be None."""
+    """``(P_vals, c, A_vals, b, margins) ↦ (x, y, s)`` for a batch (leading dimension ``B`` on
+    every input and output), float64. ``backward`` is the vector-Jacobian product, ``jvp`` the
+    Jacobian-vector product, ``vmap`` folds a vmapped dimension into the batch."""
 
     @staticmethod
-    def forward(call: _Call, A, b, c, P):
-        B = next((t.shape[0] for name, t in zip(_NAMES, (A, b, c, P))
-                  if t is not None and call.batched[name]), 1)
-        like = c
-        outs = ([], [], [])
-        for j in range(B):
-            Aj, bj, cj, Pj = (_numpy(_member(t, j, call.batched[name]))
-                              for name, t in zip(_NAMES, (A, b, c, P)))
-            try:
-                sol = call.solve(Aj, bj, cj, call.dims, Pj, **call.solver_options)
-            except Exception as err:
-                raise type(err)(f"batch member {j}: {err}" if B > 1 else str(err)) from err
-            deriv = ConicDerivative(Aj, bj, cj, call.dims, sol.x, sol.y, sol.s, Pj,
-                                    refine=call.refine)
-            call.members.append(deriv)
-            for out, value in zip(outs, (deriv.x, deriv.y, deriv.s)):
-                out.append(torch.as_tensor(value, dtype=like.dtype, device=like.device))
-        return tuple(torch.stack(o) for o in outs)
+    def forward(call, P_vals, c, A_vals, b, margins):
+        with torch.no_grad():
+            return _solve_batch(call, P_vals, c, A_vals, b, margins)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        call, *tensors = inputs
-        ctx.call = call
-        ctx.meta = [None if t is None else (t.shape, t.dtype, t.device) for t in tensors]
+        ctx.derivative = inputs[0].derivative
         ctx.set_materialize_grads(True)
 
     @staticmethod
     def backward(ctx, x_bar, y_bar, s_bar):
-        call = ctx.call
-        xb, yb, sb = (_numpy(t) for t in (x_bar, y_bar, s_bar))
-        grads = {name: [] for name in _NAMES}
-        for j, deriv in enumerate(call.members):
-            cot = deriv.vjp(xb[j], yb[j], sb[j])
-            for name, g in zip(_NAMES, cot):
-                grads[name].append(g)
-        out = [None]
-        for name, meta, needs in zip(_NAMES, ctx.meta, ctx.needs_input_grad[1:]):
-            if meta is None or not needs:
-                out.append(None)
-                continue
-            g = np.stack(grads[name])
-            g = g if call.batched[name] else g.sum(axis=0)  # broadcast input: sum
-            shape, dtype, device = meta
-            out.append(torch.as_tensor(g, dtype=dtype, device=device).reshape(shape))
-        return tuple(out)
+        return (None, *ctx.derivative.vjp(x_bar, y_bar, s_bar), None)
 
     @staticmethod
-    def jvp(ctx, _call_tangent, dA, db, dc, dP):
-        call = ctx.call
-        tangents = dict(zip(_NAMES, (dA, db, dc, dP)))
-        like = next(t for t in (dA, db, dc, dP) if t is not None)
-        outs = ([], [], [])
-        for j, deriv in enumerate(call.members):
-            args = {name: _numpy(_member(t, j, call.batched[name]))
-                    for name, t in tangents.items()}
-            for out, value in zip(outs, deriv.jvp(args["A"], args["b"], args["c"],
-                                                   args["P"] if deriv.has_P else None)):
-                out.append(torch.as_tensor(value, dtype=like.dtype, device=like.device))
-        return tuple(torch.stack(o) for o in outs)
+    def jvp(ctx, _call_tangent, dP_vals, dc, dA_vals, db, _margins_tangent):
+        d = ctx.derivative
+        B, pt = d.x.shape[0], d.pattern
+        tangents = [d.x.new_zeros(B, size) if t is None else t for t, size in
+                    ((dP_vals, len(pt.P_rows)), (dc, pt.n), (dA_vals, len(pt.A_rows)),
+                     (db, pt.m))]
+        return tuple(o.squeeze(1) for o in d.jvp(*(t.unsqueeze(1) for t in tangents)))
+
+    @staticmethod
+    def vmap(info, in_dims, call, *tensors):
+        return vmap_by_folding(ConicSolve, info, in_dims, call, tensors)
+
+
+def conic_lagrangian(pattern: ConicPattern, values, x, y) -> torch.Tensor:
+    """``L = ½ xᵀPx + cᵀx + r + yᵀ(A x - b)`` for the data ``values = (P_vals, c, r, A_vals,
+    b)`` (entries of ``pattern``; leading dimensions ``(B,)``, or ``(B, K)`` for ``K``
+    tangents) at a point ``x``, ``y`` that broadcasts against them. At a solution
+    (``A x + s = b``, ``yᵀs = 0``) ``L`` is the optimal value ``f*``; at the fixed (detached)
+    solution its derivative in the data is the envelope theorem's ``∂f*/∂(P, c, r, A, b)``, and
+    as ``L`` is linear in the data, ``L`` of a data tangent is ``df*``."""
+    P_vals, c, r, A_vals, b = values
+    dev = c.device
+    Pi, Pj = pattern.idx("P_rows", dev), pattern.idx("P_cols", dev)
+    Ai, Aj = pattern.idx("A_rows", dev), pattern.idx("A_cols", dev)
+    return (r + (c * x).sum(-1) + 0.5 * (P_vals * x[..., Pi] * x[..., Pj]).sum(-1)
+            + (A_vals * y[..., Ai] * x[..., Aj]).sum(-1) - (y * b).sum(-1))
 
 
 def conic(A, b, c, cones, *, P=None, return_duals: bool = False, refine: bool = True,
-          solver: str = "scs", solver_options: dict | None = None):
+          solver: str = "scs", solver_options: dict | None = None, n_jobs: int | None = None):
     """Solve and differentiate ``min ½ xᵀPx + cᵀx  s.t.  A x + s = b,  s ∈ K``.
 
     ``A (m, n)``, ``b (m,)``, ``c (n,)`` and optionally ``P (n, n)`` (symmetric positive
@@ -129,7 +229,9 @@ def conic(A, b, c, cones, *, P=None, return_duals: bool = False, refine: bool = 
     Returns ``x (B, n)`` (``(n,)`` if no input is batched) and, with ``return_duals=True``,
     ``(x, y, s)``: SCS's dual ``y ∈ K*`` (``P x + Aᵀy + c = 0``, shadow prices
     ``∂f*/∂b = -y``) and slack ``s = b - A x ∈ K``. Outputs follow the dtype and device of
-    ``c``; solving and differentiating run in float64 on the CPU, member by member.
+    ``c``; solving runs in float64 on the CPU, members in ``n_jobs`` threads (default: the
+    CPU count), and the derivatives of the whole batch come from one batched factorization
+    (:class:`ConicSolve`).
 
     ``solver`` is ``"scs"`` (or ``"auto"``) or ``"clarabel"`` (an optional dependency; its
     answer is translated to SCS's conventions). ``refine`` polishes the solver's point by
@@ -137,15 +239,21 @@ def conic(A, b, c, cones, *, P=None, return_duals: bool = False, refine: bool = 
     is the refined one; Clarabel's interior point needs it as much as SCS's point).
     ``solver_options`` go to the solver (e.g. ``{"max_iters": …}`` for SCS,
     ``{"max_iter": …}`` for Clarabel). Raises the solver's named errors (InfeasibleError,
-    UnboundedError, SolverError, NonconvexError), prefixed with the failing batch member;
+    UnboundedError, SolverError, NonconvexError), prefixed with the first failing batch member;
     warns with DegenerateSolutionWarning at degenerate solutions (see
-    :mod:`torchdiffopt.backends.conic`).
+    :mod:`torchdiffopt.backends.conic`). ``backward`` and forward-mode AD
+    (``torch.autograd.forward_ad``, ``gradcheck``) work; ``torch.func`` transforms of
+    ``conic()`` raise NotImplementedError (the :class:`~torchdiffopt.Layer` supports them).
     """
     dims = ConeDims.from_dict(cones)
-    tensors = dict(zip(_NAMES, (A, b, c, P)))
+    tensors = {"A": A, "b": b, "c": c, "P": P}
     for name, t in tensors.items():
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch tensor, got {type(t).__name__}")
+        if t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t):
+            raise NotImplementedError(
+                "conic() does not support torch.func transforms: use backward() and "
+                "forward-mode AD (torch.autograd.forward_ad, gradcheck), or a tdo.Layer")
     batched = {name: t is not None and t.dim() == _NDIM[name] + 1
                for name, t in tensors.items()}
     sizes = {name: t.shape[0] for name, t in tensors.items() if batched[name]}
@@ -164,8 +272,21 @@ def conic(A, b, c, cones, *, P=None, return_duals: bool = False, refine: bool = 
             raise ValueError(f"input {name!r} contains NaN or inf")
     if dims.size != m:
         raise ValueError(f"the cones have {dims.size} rows but A has {m}")
-    call = _Call(dims, batched, refine, conic_solver(solver), dict(solver_options or {}))
-    x, y, s = ConicSolve.apply(call, A, b, c, P)
+    B = next(iter(sizes.values()), 1)
+    A_rows, A_cols = np.divmod(np.arange(m * n), n)
+    P_rows, P_cols = np.divmod(np.arange(n * n if P is not None else 0), n)
+    pattern = ConicPattern(n, m, A_rows, A_cols, P_rows, P_cols)
+    call = ConicCall(ConicStructure(pattern, dims, conic_solver(solver), solver_options, refine,
+                                    n_jobs))
+    flat = lambda t, shape: t.to(_F64).expand(B, *shape).reshape(B, -1)  # noqa: E731
+    P_vals = flat(P, (n, n)) if P is not None else c.new_zeros(B, 0, dtype=_F64)
+    outs = ConicSolve.apply(call, P_vals, flat(c, (n,)), flat(A, (m, n)), flat(b, (m,)),
+                            c.new_zeros(B, 0, dtype=_F64))
+    if call.errors:
+        j = min(call.errors)
+        err = call.errors[j]
+        raise type(err)(f"batch member {j}: {err}" if B > 1 else str(err)) from err
+    outs = tuple(o.to(c.dtype) for o in outs)
     if not sizes:
-        x, y, s = x[0], y[0], s[0]
-    return (x, y, s) if return_duals else x
+        outs = tuple(o[0] for o in outs)
+    return outs if return_duals else outs[0]

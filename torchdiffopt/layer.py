@@ -8,20 +8,28 @@ tensors to the optimal primal values, duals (shadow prices) and optimal value. T
 so torch autograd differentiates ``D(θ)`` and :class:`~torchdiffopt.qp_function.QPSolve`
 differentiates the solution with respect to the data only, from one KKT factorization per
 call shared by ``backward``, ``jvp``, every ``torch.func`` transform and
-:meth:`Layer.jacobian`.
+:meth:`Layer.jacobian`. The conic backend works the same way: ``D(θ) = (P, c, r, A, b)`` of
+the cone program (:mod:`torchdiffopt.compile.conic`, evaluated once for the whole batch) →
+:class:`~torchdiffopt.conic_function.ConicSolve` (SCS or Clarabel per member, one batched
+factorization of the residual-map Jacobians) → ``(x̃, y, s)``, read back as the model's
+``x`` (the first ``n`` entries of ``x̃``), multipliers ``μ = -Tᵀy`` and optimal value (the
+Lagrangian at the solution, :func:`~torchdiffopt.conic_function.conic_lagrangian`).
 
 Batching: a parameter tensor with one more leading dimension than the parameter's shape is
 batched; the others broadcast, and their gradient is the **sum** over the batch.
 
-The nonlinear and conic backends solve member by member through their pipeline
+The nonlinear backend solves member by member through its pipeline
 (:mod:`torchdiffopt.nlp_function`): torch differentiates nothing there, the pipeline's
 reverse and forward operations give the parameters' cotangents and tangents directly.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from .backends.batched_conic import ConicPattern
+from .conic_function import ConicCall, ConicSolve, ConicStructure, conic_lagrangian
 from .modeling.expressions import Parameter, Variable
 from .modeling.model import ConstraintRef, Model, ObjectiveRef
 from .nlp_function import NLPCall, NLPSolve
@@ -49,10 +57,11 @@ class Layer(torch.nn.Module):
             ``"auto"``) or ``"clarabel"`` (which makes ``backend=None`` pick the conic backend
             for LPs and QPs too); the nonlinear backend uses SLSQP.
         backend: ``"quadratic"``, ``"nonlinear"``, ``"conic"`` or ``None`` (the model's:
-            ``"auto"`` picks by the problem class). The nonlinear and conic backends solve
-            members one after the other (with the model's solver) and support ``backward``,
-            forward-mode AD, ``vmap`` and :meth:`jacobian`; the other ``torch.func``
-            transforms need the quadratic backend.
+            ``"auto"`` picks by the problem class). The conic backend solves members with
+            SCS or Clarabel (in ``n_jobs`` threads) and differentiates the batch at once,
+            like the quadratic one (``torch.func`` transforms while ``M`` is held densely);
+            the nonlinear backend solves members one after the other and supports
+            ``backward``, forward-mode AD, ``vmap`` and :meth:`jacobian`.
         n_jobs: threads for per-instance CPU solvers (default: the CPU count).
         on_failure: ``"raise"`` (a named error listing the failed batch members) or ``"nan"``
             (failed members give NaN outputs and zero gradients; the rest of the batch goes on).
@@ -88,12 +97,25 @@ class Layer(torch.nn.Module):
         if solver == "clarabel" and not isinstance(pipeline, ConicPipeline):
             raise ValueError("solver='clarabel' needs the conic backend (backend='conic')")
         self.nonlinear = isinstance(pipeline, NonlinearPipeline)
-        self.memberwise = isinstance(pipeline, (NonlinearPipeline, ConicPipeline))
+        self.conic = isinstance(pipeline, ConicPipeline)
+        #: whether members are solved one at a time by a per-instance solver (SLSQP, SCS,
+        #: Clarabel) rather than a batched one
+        self.memberwise = self.nonlinear or self.conic
         self.pipeline = pipeline
         self.form = pipeline.form
-        if not self.memberwise:
-            probe = self.form.data({p: torch.as_tensor(p.value, dtype=_F64)
-                                    for p in self.form.parameters})
+        values = {p: torch.as_tensor(p.value, dtype=_F64) for p in self.form.parameters}
+        if self.conic:
+            probe = self.form.data(values, check=False)
+            self.structure = ConicStructure(
+                ConicPattern(self.form.n_total, self.form.rows, probe.A_rows, probe.A_cols,
+                             probe.P_rows, probe.P_cols),
+                self.form.cones, pipeline.solve_conic, n_jobs=n_jobs,
+                nonconvex_error=self.form.nonconvex_error)
+            T = self.form.T.tocoo()
+            self._T = tuple(torch.as_tensor(a) for a in (T.row.astype(np.int64),
+                                                         T.col.astype(np.int64), T.data))
+        elif not self.nonlinear:
+            probe = self.form.data(values)
             self.structure = QPStructure(
                 self.form.n, self.form.m, probe.P_rows, probe.P_cols, probe.C_rows,
                 probe.C_cols, self.form.sense, self.form.lb, self.form.ub, solver, n_jobs)
@@ -146,20 +168,37 @@ class Layer(torch.nn.Module):
 
     @staticmethod
     def _batched(values, B, device):
-        """Data values ``(P_vals, q, r, C_vals, c0)`` expanded to a leading batch ``B``
+        """Data values (``(P_vals, q, r, C_vals, c0)`` or the conic ``(P_vals, c, r, A_vals, b,
+        margins)``; ``r``, one scalar per member, third) expanded to a leading batch ``B``
         (expanding makes the gradient of a broadcast parameter the sum over the batch)."""
-        P_vals, q, r, C_vals, c0 = values
-        out = [t.expand(B, *t.shape[-1:]) for t in (P_vals, q, r.reshape(-1, 1), C_vals, c0)]
-        out[2] = out[2].reshape(B)
-        return [t.to(device) for t in out]
+        return [(t.reshape(-1).expand(B) if k == 2 else t.expand(B, *t.shape[-1:])).to(device)
+                for k, t in enumerate(values)]
+
+    def _conic_outputs(self, values, x, y, point):
+        """``(x, μ, f)`` of the model from the cone program's data ``values = (P_vals, c, r,
+        A_vals, b)`` and solution ``(x̃, y)``: ``x = x̃[:n]``, ``μ = -Tᵀy`` and ``f`` the
+        Lagrangian at ``point`` (the detached solution, :func:`conic_lagrangian`). Linear in
+        all three, so it maps tangents too (``point`` unsqueezed over the directions)."""
+        rows, cols, vals = (t.to(y.device) for t in self._T)
+        mu = y.new_zeros(*y.shape[:-1], self.form.m).index_add(-1, cols, -vals * y[..., rows])
+        return x[..., :self.form.n], mu, conic_lagrangian(self.structure.pattern, values, *point)
 
     def _solve(self, theta, B, device):
         """Solve the batch: ``(call, x, μ, f)`` (internal sign conventions)."""
-        if self.memberwise:
+        if self.nonlinear:
             call = NLPCall(self.pipeline)
             members = [t if t.dim() > p.ndim else t.unsqueeze(0).expand(B, *p.shape)
                        for p, t in zip(self.form.parameters, theta)]
             x, mu, f = NLPSolve.apply(call, *members)
+        elif self.conic:
+            call = ConicCall(self.structure)
+            data = self.form.data(dict(zip(self.form.parameters, theta)), check=False)
+            values = self._batched(data.values() + (data.margins,), B, device)
+            xt, y, _ = ConicSolve.apply(call, *(values[k] for k in (0, 1, 3, 4, 5)))
+            valid = torch.isfinite(xt).all(-1, keepdim=True)  # failed members are NaN
+            point = (torch.where(valid, xt.detach(), 0.0), torch.where(valid, y.detach(), 0.0))
+            x, mu, f = self._conic_outputs(values[:5], xt, y, point)
+            f = torch.where(valid[:, 0], f, torch.nan)
         else:
             call = SolveCall(self.structure)
             x, mu, f = QPSolve.apply(call, *self._batched(self.form.data_values(*theta), B,
@@ -212,13 +251,20 @@ class Layer(torch.nn.Module):
                 directions.append(tuple(tangent))
         with torch.no_grad():
             call, _, _, _ = self._solve(theta, B, device)
-            if self.memberwise:
+            if self.nonlinear:
                 dx, dmu, df = self._memberwise_directions(call, directions, B, device)
             else:
                 tangents = [self._batched(self.form.data_jvp(theta, d), B, device)
                             for d in directions]
                 stacked = [torch.stack([t[k] for t in tangents], 1) for k in range(5)]
-                dx, dmu, df = call.kkt.jvp(*stacked)
+                if self.conic:
+                    deriv = call.derivative
+                    dxt, dy, _ = deriv.jvp(*(stacked[k] for k in (0, 1, 3, 4)))
+                    point = (deriv.x.unsqueeze(1), deriv.y.unsqueeze(1))
+                    dx, dmu, df = self._conic_outputs(stacked, dxt, dy, point)
+                    df = torch.where(deriv.valid.reshape(B, 1), df, 0.0)
+                else:
+                    dx, dmu, df = call.kkt.jvp(*stacked)
         result = []
         for spec in self.outputs_spec:
             per_dir = self._output(spec, dx.flatten(0, 1), dmu.flatten(0, 1), df.flatten(0, 1))
@@ -233,8 +279,8 @@ class Layer(torch.nn.Module):
         return result
 
     def _memberwise_directions(self, call, directions, B, device):
-        """``(dx, dμ, df)`` of shape ``(B, D, …)``: each member's stored factorization, one
-        solve per direction."""
+        """``(dx, dμ, df)`` of shape ``(B, D, …)`` for the nonlinear backend: each member's
+        stored factorization, one solve per direction."""
         n, m, D = self.form.n, self.form.m, len(directions)
         dx, dmu, df = (torch.zeros(*shape, dtype=_F64) for shape in ((B, D, n), (B, D, m), (B, D)))
         for b, solved in enumerate(call.solved):

@@ -124,24 +124,18 @@ class _LinearSystem:
         return out.reshape(rhs.shape)
 
 
-class ConicDerivative:
-    """The derivative of ``(A, b, c[, P]) ↦ (x, y, s)`` at a solution of the cone program (see
-    the module docstring), from one factorization of ``M``.
+class ResidualMap:
+    """The residual map ``R(u, v)`` of one cone program, its Jacobian ``M`` and the
+    refinement of a solver's point (module docstring).
 
     Parameters: ``A`` (m, n) dense or scipy.sparse, ``b`` (m,), ``c`` (n,), ``cones`` (SCS's
-    dictionary, ``{"z": …, "l": …, "q": […], "s": […], "ep": …, "ed": …, "p": […]}``), the
-    solver's ``x, y, s`` (SCS's convention), optionally ``P`` (n, n) symmetric positive
-    semidefinite. ``refine`` polishes the point first (recommended: first-order solvers stop
-    near 1e-9, too coarse for finite-difference-grade derivatives). ``dense`` forces the dense
-    (True) or sparse (False) factorization; by default dense up to order ``DENSE_MAX_ORDER``.
-
-    Attributes: ``x, y, s`` (refined), ``residual`` (``‖R(z)‖∞`` at that point), ``singular``,
-    ``rcond`` (estimated reciprocal condition number of ``M``), ``kinks`` (cones where strict
-    complementarity fails, :func:`.cones.kinks`).
+    dictionary, ``{"z": …, "l": …, "q": […], "s": […], "ep": …, "ed": …, "p": […]}``),
+    optionally ``P`` (n, n) symmetric positive semidefinite (only ``½(P + Pᵀ)`` is used).
+    ``dense`` forces dense (True) or sparse (False) matrices ``M``; by default dense up to
+    order ``DENSE_MAX_ORDER``.
     """
 
-    def __init__(self, A, b, c, cones, x, y, s, P=None, *, refine: bool = True,
-                 dense: bool | None = None):
+    def __init__(self, A, b, c, cones, P=None, dense: bool | None = None):
         self.dims = ConeDims.from_dict(cones)
         self._sparse_A = sp.issparse(A)
         self.A = sp.csr_matrix(A, dtype=np.float64) if self._sparse_A \
@@ -164,25 +158,36 @@ class ConicDerivative:
         self.m, self.n = m, n
         self.dense = (n + m <= DENSE_MAX_ORDER) if dense is None else bool(dense)
 
-        u = np.asarray(x, dtype=np.float64).reshape(n)
-        v = np.asarray(y, dtype=np.float64).reshape(m) - np.asarray(s, dtype=np.float64).reshape(m)
+    def refined_point(self, x, y, s, refine: bool = True):
+        """``(u, v, D, system)`` at the solver's point ``(x, y, s)``, refined by Newton steps
+        on ``R`` with ``refine``: ``u = x``, ``v = y - s``, ``D = DΠ_{K*}(v)`` and ``M``
+        factorized there."""
+        u, v = self.start(x, y, s)
         D, system = self._linearize(v)
         if refine:
-            u2, v2 = self._refine(u, v, system)
-            if not (np.array_equal(u2, u) and np.array_equal(v2, v)):
-                u, v = u2, v2
+            steps = REFINE_STEPS if (system.dense or not system.singular) else 0
+            z0 = np.concatenate((u, v))[None]
+            z = newton_refine(z0, lambda z, _: self.R(z[0, :self.n], z[0, self.n:])[None],
+                              lambda r, _: system.solve(r[0])[None], self.floor(z0), steps)[0]
+            if not np.array_equal(z, z0[0]):
+                u, v = z[:self.n], z[self.n:]
                 D, system = self._linearize(v)
-        self._D, self._system = D, system
-        self.x = u
-        self.y = project(v, self.dims, dual=True)
-        self.s = self.y - v
-        self.residual = float(np.abs(self._residual(u, v)).max(initial=0.0))
-        self.singular, self.rcond = system.singular, system.rcond
-        self.kinks = kinks(v, self.dims, dual=True)
-        self._warn()
+        return u, v, D, system
 
-    # ------------------------------------------------------------------ internals
-    def _residual(self, u, v):
+    def start(self, x, y, s):
+        """The point ``(u, v) = (x, y - s)`` of a solver's answer."""
+        return (np.asarray(x, dtype=np.float64).reshape(self.n),
+                np.asarray(y, dtype=np.float64).reshape(self.m)
+                - np.asarray(s, dtype=np.float64).reshape(self.m))
+
+    def floor(self, z: np.ndarray) -> np.ndarray:
+        """The residual ``‖R‖∞`` below which refining the points ``z (k, n + m)`` stops:
+        round-off at their scale and the data's."""
+        scale = max(1.0, np.abs(self.b).max(initial=0.0), np.abs(self.c).max(initial=0.0))
+        return 4 * np.finfo(float).eps * np.maximum(scale, np.abs(z).max(axis=1, initial=0.0))
+
+    def R(self, u, v):  # noqa: N802  (the module docstring's name)
+        """The residual map ``R(u, v)`` (module docstring)."""
         y = project(v, self.dims, dual=True)
         return np.concatenate((self.P @ u + self.A.T @ y + self.c,
                                self.b - self.A @ u + v - y))
@@ -201,28 +206,66 @@ class ConicDerivative:
                          format="csc")
         return D, _LinearSystem(M, self.dense)
 
-    def _refine(self, u, v, system):
-        """Newton steps on ``R`` with the factorization at the solver's point, each kept only
-        if it lowers ``‖R‖``; stops when a step gains less than a factor 2."""
-        z = np.concatenate((u, v))
-        r = self._residual(u, v)
-        norm = np.abs(r).max(initial=0.0)
-        floor = 4 * np.finfo(float).eps * max(1.0, np.abs(z).max(initial=0.0),
-                                              np.abs(self.b).max(initial=0.0),
-                                              np.abs(self.c).max(initial=0.0))
-        for _ in range(REFINE_STEPS if (system.dense or not system.singular) else 0):
-            if norm <= floor:
-                break
-            z_new = z - system.solve(r)
-            r_new = self._residual(z_new[:self.n], z_new[self.n:])
-            norm_new = np.abs(r_new).max(initial=0.0)
-            if not norm_new < norm:
-                break
-            slow = norm_new > 0.5 * norm
-            z, r, norm = z_new, r_new, norm_new
-            if slow:
-                break
-        return z[:self.n], z[self.n:]
+
+def newton_refine(z, residual, solve, floor, steps: int = REFINE_STEPS) -> np.ndarray:
+    """Newton steps ``z ← z - M⁻¹R(z)`` on a batch of points ``z (k, n + m)`` with ``M``
+    fixed (factorized at the starting points): ``residual(rows, members)`` and
+    ``solve(rows, members)`` map the rows of the given members (indices into ``z``). A
+    member's step is kept only if it lowers ``‖R‖∞``; the member stops below its ``floor``,
+    at a rejected step, or after a step gaining less than a factor 2. Returns the new points
+    (Busseti, Moursi, Boyd, *Solution refinement at regular points of conic problems*)."""
+    z = np.array(z, dtype=np.float64)
+    members = np.arange(len(z))
+    r = residual(z, members)
+    norm = np.abs(r).max(axis=1, initial=0.0)
+    active = norm > floor
+    for _ in range(steps):
+        idx = np.flatnonzero(active)
+        if not len(idx):
+            break
+        z_new = z[idx] - solve(r[idx], idx)
+        r_new = residual(z_new, idx)
+        norm_new = np.abs(r_new).max(axis=1, initial=0.0)
+        better = norm_new < norm[idx]
+        keep = idx[better]
+        slow = norm_new[better] > 0.5 * norm[keep]
+        z[keep], r[keep], norm[keep] = z_new[better], r_new[better], norm_new[better]
+        active[idx[~better]] = False
+        active[keep[slow]] = False
+        active &= norm > floor
+    return z
+
+
+class ConicDerivative(ResidualMap):
+    """The derivative of ``(A, b, c[, P]) ↦ (x, y, s)`` at a solution of the cone program (see
+    the module docstring), from one factorization of ``M``.
+
+    Parameters: those of :class:`ResidualMap`, and the solver's ``x, y, s`` (SCS's
+    convention). ``refine`` polishes the point first (recommended: first-order solvers stop
+    near 1e-9, too coarse for finite-difference-grade derivatives).
+
+    ``warn`` (default) warns with DegenerateSolutionWarning where ``M`` is singular or
+    strict complementarity fails; a caller that reports a batch at once passes False.
+
+    Attributes: ``x, y, s`` (refined), ``residual`` (``‖R(z)‖∞`` at that point), ``singular``,
+    ``rcond`` (estimated reciprocal condition number of ``M``), ``kinks`` (cones where strict
+    complementarity fails, :func:`.cones.kinks`), ``D`` (``DΠ_{K*}(v)``) and ``system``
+    (``M`` factorized: ``system.solve(rhs, transpose)``).
+    """
+
+    def __init__(self, A, b, c, cones, x, y, s, P=None, *, refine: bool = True,
+                 dense: bool | None = None, warn: bool = True):
+        super().__init__(A, b, c, cones, P, dense)
+        u, v, D, system = self.refined_point(x, y, s, refine)
+        self.D, self.system = D, system
+        self.x = u
+        self.y = project(v, self.dims, dual=True)
+        self.s = self.y - v
+        self.residual = float(np.abs(self.R(u, v)).max(initial=0.0))
+        self.singular, self.rcond = system.singular, system.rcond
+        self.kinks = kinks(v, self.dims, dual=True)
+        if warn:
+            self._warn()
 
     def _warn(self):
         if self.singular:
@@ -241,7 +284,7 @@ class ConicDerivative:
                 stacklevel=3)
 
     def _split_solve(self, rhs, transpose):
-        out = -self._system.solve(rhs, transpose=transpose)
+        out = -self.system.solve(rhs, transpose=transpose)
         return out[:self.n], out[self.n:]
 
     # ------------------------------------------------------------------ public API
@@ -275,7 +318,7 @@ class ConicDerivative:
                 dP = np.asarray(dP, dtype=np.float64).reshape(-1, self.n, self.n)
                 rhs_u += 0.5 * (dP @ x + np.einsum("kij,i->kj", dP, x))
         du, dv = self._split_solve(np.concatenate((rhs_u, rhs_v), axis=1).T, False)
-        Ddv = self._D.matvec(dv)
+        Ddv = self.D.matvec(dv)
         out = (du.T, Ddv.T, (Ddv - dv).T)
         return out if k else tuple(o[0] for o in out)
 
@@ -292,7 +335,7 @@ class ConicDerivative:
                 else np.broadcast_to(np.asarray(t, dtype=np.float64).reshape(-1, size),
                                      (K, size))
         xb, yb, sb = rows(dx, self.n), rows(dy, self.m), rows(ds, self.m)
-        zv = self._D.matvec((yb + sb).T) - sb.T
+        zv = self.D.matvec((yb + sb).T) - sb.T
         r1, r2 = self._split_solve(np.concatenate((xb.T, zv)), True)
         return (r1.T, r2.T) if k else (r1[:, 0], r2[:, 0])
 
