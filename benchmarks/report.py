@@ -182,3 +182,29 @@ def verdict_table(runs, sobolev_rows, floor_rows) -> list[str]:
                          f"{FLOOR_TARGET:g} × (LU + solve) | {ratio:.2f} | "
                          f"{'yes' if ratio <= FLOOR_TARGET else 'no'} |")
     return lines
+
+
+def summary_table(runs) -> list[str]:
+    """One row per case: the default method's total time and gradient error beside each
+    peer's fastest variant (time, and the members it got wrong: farther than 1e-4 from the
+    reference), for README."""
+    lines = ["| case | torchdiffopt ms | its FD err | qpth ms (wrong) | cvxpylayers ms (wrong) |"
+             " speedup vs qpth | vs cvxpylayers |", "|---|---|---|---|---|---|---|"]
+    for case, results in runs:
+        ours = default_method(results)
+        if ours is None:
+            continue
+        cells, speedups = [], []
+        for peer in ("qpth", "cvxpylayers"):
+            ok = [r for r in results
+                  if r.kind == "peer" and r.status == "ok" and r.method.startswith(peer)]
+            best = min(ok, key=lambda r: r.total_s, default=None)
+            if best is None:
+                cells.append("–")
+                speedups.append("–")
+                continue
+            cells.append(f"{_ms(best.total_s)} ({best.wrong_members})")
+            speedups.append(f"{best.total_s / ours.total_s:.2f}×")
+        lines.append(f"| {case.workload} {case.label} | {_ms(ours.total_s)} | "
+                     f"{_err(ours.fd_error)} | {' | '.join(cells)} | {' | '.join(speedups)} |")
+    return lines

@@ -166,6 +166,9 @@ def main(argv=None) -> int:
              "W4) against each peer's faster variant; speedup = peer time / our time."]
     if block:
         block += [""] + report.verdict_table(runs, sobolev_rows, floor_rows)
+        block += ["", "Summary: the default method beside each peer's fastest variant "
+                  "(in parentheses: members farther than 1e-4 from the reference)."]
+        block += [""] + report.summary_table(runs)
         print("\n".join(block), flush=True)
         lines += block
 
