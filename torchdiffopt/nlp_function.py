@@ -8,9 +8,8 @@ reverse pass per member, ``jvp`` one solve per member and direction. Members are
 after the other (a local NLP solve is inherently per instance); ``vmap`` folds a vmapped
 dimension into the batch.
 
-Only the pipeline's four operations are used, so the conic pipeline (one SCS solve and one
-factorized residual map per member, :mod:`torchdiffopt.backends.conic`) runs through the
-same function.
+The conic backend's layer does not come here: its data are evaluated once for the batch
+and differentiated by :class:`~torchdiffopt.conic_function.ConicSolve`.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 from .errors import NonconvexError, SolverError
-from .pipelines import ConicPipeline, NonlinearPipeline
+from .pipelines import NonlinearPipeline
 from .qp_function import vmap_by_folding
 from .solvers.batch import status_of
 
@@ -27,10 +26,10 @@ _F64 = torch.float64
 
 
 class NLPCall:
-    """One call: the pipeline (nonlinear or conic), and the side channel from ``forward`` to
+    """One call: the nonlinear pipeline, and the side channel from ``forward`` to
     ``setup_context``."""
 
-    def __init__(self, pipeline: NonlinearPipeline | ConicPipeline):
+    def __init__(self, pipeline: NonlinearPipeline):
         self.pipeline = pipeline
         self.solved: list = []
         self.status: list[str] = []
@@ -62,8 +61,7 @@ def _solve_members(call: NLPCall, theta: tuple):
 
 
 class NLPSolve(torch.autograd.Function):
-    """``θ ↦ (x*, μ*, f*)`` for a batch of NLPs or cone programs (internal minimization,
-    float64)."""
+    """``θ ↦ (x*, μ*, f*)`` for a batch of NLPs (internal minimization, float64)."""
 
     @staticmethod
     def forward(call, *theta):

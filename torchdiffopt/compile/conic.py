@@ -25,8 +25,8 @@ built, as a coefficient form, from three kinds of rows:
 * **atom rows**: ``norm2(e) → t``, ``(t, e) ∈ SOC``; ``norm_inf(e) → t``, ``t ± e ∈ ℝ₊``;
   ``norm1(e) → Σu``, ``u ± e ∈ ℝ₊``. The epigraph is exact when every atom may only be
   pushed down; that is checked on the numbers (weights may be parameters), per batch
-  member (``ConicData.margins``): :class:`~torchdiffopt.errors.NonconvexError` otherwise. A ``norm2`` alone in one
-  inequality row and nowhere else is *inlined* instead: the row ``κ·norm2(e) + h ≤ 0``
+  member (``ConicData.margins``): :class:`~torchdiffopt.errors.NonconvexError` otherwise.
+  A ``norm2`` alone in one inequality row and nowhere else is *inlined* instead: the row ``κ·norm2(e) + h ≤ 0``
   (``≥``: sign ``σ = +1``) becomes ``(σh, |κ|e) ∈ SOC``, its first entry by ``T`` — no
   epigraph variable, whose value would not be unique while the bound is inactive.
 
