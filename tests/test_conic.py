@@ -378,7 +378,7 @@ def test_gradcheck_forward_and_reverse(cones):
     assert torch.autograd.gradcheck(f, inputs, check_forward_ad=True)
 
 
-def test_forward_ad_matches_backend_and_torch_func_says_not_yet():
+def test_forward_ad_and_torch_func_match_the_backend():
     import torch.autograd.forward_ad as fwAD
 
     pr = random_program(np.random.default_rng(4), {"l": 2, "q": [3], "s": [2]})
@@ -389,8 +389,17 @@ def test_forward_ad_matches_backend_and_torch_func_says_not_yet():
         dx = fwAD.unpack_dual(x).tangent
     D = solve(pr["A"], pr["b"], pr["c"], pr["cones"])
     np.testing.assert_allclose(dx.numpy(), D.jvp(db=db.numpy())[0], atol=1e-10)
-    with pytest.raises(NotImplementedError, match="torch.func"):
-        torch.func.jvp(lambda b_: conic(A, b_, c, pr["cones"]), (b,), (db,))
+    _, dx_func = torch.func.jvp(lambda b_: conic(A, b_, c, pr["cones"]), (b,), (db,))
+    np.testing.assert_allclose(dx_func.numpy(), dx.numpy(), atol=1e-12)
+    J_rev = torch.func.jacrev(lambda b_: conic(A, b_, c, pr["cones"]))(b)
+    J_fwd = torch.func.jacfwd(lambda b_: conic(A, b_, c, pr["cones"]))(b)
+    np.testing.assert_allclose(J_rev.numpy(), J_fwd.numpy(), atol=1e-10)
+    np.testing.assert_allclose((J_fwd @ db).numpy(), dx.numpy(), atol=1e-10)
+    # vmap over a batch of right-hand sides equals the batched call
+    gen = torch.Generator().manual_seed(1)
+    bs = b + 0.01 * torch.randn((3, *b.shape), dtype=T64, generator=gen)
+    x_vmap = torch.func.vmap(lambda b_: conic(A, b_, c, pr["cones"]))(bs)
+    np.testing.assert_allclose(x_vmap.numpy(), conic(A, bs, c, pr["cones"]).numpy(), atol=1e-10)
 
 
 def test_batch_with_broadcast_inputs_sums_their_gradients():

@@ -241,19 +241,16 @@ def conic(A, b, c, cones, *, P=None, return_duals: bool = False, refine: bool = 
     ``{"max_iter": …}`` for Clarabel). Raises the solver's named errors (InfeasibleError,
     UnboundedError, SolverError, NonconvexError), prefixed with the first failing batch member;
     warns with DegenerateSolutionWarning at degenerate solutions (see
-    :mod:`torchdiffopt.backends.conic`). ``backward`` and forward-mode AD
-    (``torch.autograd.forward_ad``, ``gradcheck``) work; ``torch.func`` transforms of
-    ``conic()`` raise NotImplementedError (the :class:`~torchdiffopt.Layer` supports them).
+    :mod:`torchdiffopt.backends.conic`). ``backward``, forward-mode AD
+    (``torch.autograd.forward_ad``, ``gradcheck``) and ``torch.func`` transforms (``jvp``,
+    ``vmap``, ``jacrev``, ``jacfwd``) work while the system is held densely (order
+    ``n + m`` up to :data:`~torchdiffopt.linalg.factorization.DENSE_MAX_ORDER`).
     """
     dims = ConeDims.from_dict(cones)
     tensors = {"A": A, "b": b, "c": c, "P": P}
     for name, t in tensors.items():
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch tensor, got {type(t).__name__}")
-        if t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t):
-            raise NotImplementedError(
-                "conic() does not support torch.func transforms: use backward() and "
-                "forward-mode AD (torch.autograd.forward_ad, gradcheck), or a tdo.Layer")
     batched = {name: t is not None and t.dim() == _NDIM[name] + 1
                for name, t in tensors.items()}
     sizes = {name: t.shape[0] for name, t in tensors.items() if batched[name]}
@@ -268,7 +265,10 @@ def conic(A, b, c, cones, *, P=None, return_duals: bool = False, refine: bool = 
                 != expected[name]:
             raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {expected[name]} "
                              "with an optional leading batch dimension")
-        if not torch.isfinite(t.detach()).all():
+        # under torch.func transforms the values are not concrete here; ConicSolve then
+        # reports non-finite data per member
+        wrapped = torch._C._functorch.is_functorch_wrapped_tensor(t)
+        if not wrapped and not torch.isfinite(t.detach()).all():
             raise ValueError(f"input {name!r} contains NaN or inf")
     if dims.size != m:
         raise ValueError(f"the cones have {dims.size} rows but A has {m}")
