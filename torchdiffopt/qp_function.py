@@ -58,25 +58,35 @@ class QPStructure:
         self.solver, self.n_jobs = solver, n_jobs
         self._P_flat = torch.as_tensor(self.P_rows * n + self.P_cols, dtype=torch.long)
         self._C_flat = torch.as_tensor(self.C_rows * n + self.C_cols, dtype=torch.long)
+        # patterns that list every entry in row-major order (tdo.functional.qp's dense
+        # matrices): the stored entries are the matrix, no scatter or gather needed
+        self._P_full = np.array_equal(self.P_rows * n + self.P_cols, np.arange(n * n))
+        self._C_full = np.array_equal(self.C_rows * n + self.C_cols, np.arange(m * n))
 
     def dense_P(self, vals: torch.Tensor) -> torch.Tensor:
         """``(..., nnz) → (..., n, n)``, adding repeated entries and taking the symmetric
         part (only ``½(P + Pᵀ)`` enters ``½ xᵀPx``)."""
-        out = vals.new_zeros(*vals.shape[:-1], self.n * self.n)
-        P = out.index_add(-1, self._P_flat.to(vals.device), vals).unflatten(-1, (self.n, self.n))
+        if not self._P_full:
+            vals = vals.new_zeros(*vals.shape[:-1], self.n * self.n).index_add(
+                -1, self._P_flat.to(vals.device), vals)
+        P = vals.unflatten(-1, (self.n, self.n))
         return 0.5 * (P + P.transpose(-1, -2))
 
     def dense_C(self, vals: torch.Tensor) -> torch.Tensor:
-        out = vals.new_zeros(*vals.shape[:-1], self.m * self.n)
-        return out.index_add(-1, self._C_flat.to(vals.device), vals).unflatten(-1, (self.m, self.n))
+        if not self._C_full:
+            vals = vals.new_zeros(*vals.shape[:-1], self.m * self.n).index_add(
+                -1, self._C_flat.to(vals.device), vals)
+        return vals.unflatten(-1, (self.m, self.n))
 
     def P_entries(self, dense: torch.Tensor) -> torch.Tensor:
         """Cotangent of the stored entries from a symmetric dense ``(..., n, n)`` cotangent
         (the adjoint of :meth:`dense_P`)."""
-        return dense.flatten(-2)[..., self._P_flat.to(dense.device)]
+        flat = dense.flatten(-2)
+        return flat if self._P_full else flat[..., self._P_flat.to(dense.device)]
 
     def C_entries(self, dense: torch.Tensor) -> torch.Tensor:
-        return dense.flatten(-2)[..., self._C_flat.to(dense.device)]
+        flat = dense.flatten(-2)
+        return flat if self._C_full else flat[..., self._C_flat.to(dense.device)]
 
     def numeric(self, P_vals, q, r, C_vals, c0) -> NumericQP:
         """One member's data for a CPU solver."""
