@@ -116,3 +116,21 @@ def test_convexity_is_judged_per_member(B, solver):
     strict_only = solver == "qpth"
     assert torch.isnan(x[1]).all() == strict_only and torch.isnan(x[2]).all() == strict_only
     assert torch.isfinite(x[3:]).all()
+
+
+def test_second_derivatives_are_refused_not_wrong():
+    """The layer's derivatives hold the KKT factorization constant: exact to first order
+    only. A Hessian through it would miss terms, so nested transforms raise; one transform
+    (also under vmap) still works."""
+    Q, p, G, h = optnet_qp(1, 3, 4, seed=3)
+    Q, p, G, h = Q[0], p[0], G[0], h[0]
+    f = lambda Q_: tdo.functional.qp(Q_, p, G=G, h=h).sum()  # noqa: E731
+    for nested in (torch.func.hessian, lambda g: torch.func.grad(torch.func.grad(g))):
+        with pytest.raises(NotImplementedError, match="second derivatives"):
+            nested(f)(Q)
+    assert torch.func.grad(f)(Q).shape == Q.shape
+    assert torch.func.vmap(torch.func.grad(f))(Q.expand(2, -1, -1)).shape == (2, 3, 3)
+    A, b, c = torch.eye(2, dtype=F64), torch.ones(2, dtype=F64), -torch.ones(2, dtype=F64)
+    g = lambda b_: tdo.functional.conic(A, b_, c, {"l": 2}).sum()  # noqa: E731
+    with pytest.raises(NotImplementedError, match="second derivatives"):
+        torch.func.hessian(g)(b)

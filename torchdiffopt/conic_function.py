@@ -39,7 +39,7 @@ from .backends.batched_conic import (BatchedConicDerivative, ConicPattern, Spars
 from .backends.conic import ConicDerivative, ResidualMap
 from .backends.cones import ConeDims, kinks, project
 from .errors import DegenerateSolutionWarning
-from .qp_function import vmap_by_folding
+from .qp_function import reject_nested_derivatives, vmap_by_folding
 from .solvers import conic_solver
 from .solvers.batch import solve_each, status_of
 
@@ -280,6 +280,7 @@ def conic(A, b, c, cones, *, P=None, return_duals: bool = False, refine: bool = 
                                     n_jobs))
     flat = lambda t, shape: t.to(_F64).expand(B, *shape).reshape(B, -1)  # noqa: E731
     P_vals = flat(P, (n, n)) if P is not None else c.new_zeros(B, 0, dtype=_F64)
+    reject_nested_derivatives()
     outs = ConicSolve.apply(call, P_vals, flat(c, (n,)), flat(A, (m, n)), flat(b, (m,)),
                             c.new_zeros(B, 0, dtype=_F64))
     if call.errors:

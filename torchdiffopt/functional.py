@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from .conic_function import conic
-from .qp_function import QPSolve, QPStructure, SolveCall, failure_error
+from .qp_function import (QPSolve, QPStructure, SolveCall, failure_error,
+                          reject_nested_derivatives)
 
 _F64 = torch.float64
 
@@ -73,6 +74,7 @@ def qp(P, q, A=None, b=None, G=None, h=None, *, lb=None, ub=None, solver=None,
                    G.to(_F64).expand(B, n_in, n) if G.dim() == 2 else G.to(_F64)), dim=1)
     c0 = -torch.cat((batch(b, 0), batch(h, 0)), dim=1)
     call = SolveCall(structure)
+    reject_nested_derivatives()
     x, mu, _ = QPSolve.apply(call, batch(P, 2), batch(q, 0), q.new_zeros(B, dtype=_F64),
                              C.flatten(-2), c0)
     if call.errors and on_failure == "raise":

@@ -34,7 +34,8 @@ from .modeling.expressions import Parameter, Variable
 from .modeling.model import ConstraintRef, Model, ObjectiveRef
 from .nlp_function import NLPCall, NLPSolve
 from .pipelines import ConicPipeline, NonlinearPipeline, pipeline_for
-from .qp_function import QPSolve, QPStructure, SolveCall, failure_error
+from .qp_function import (QPSolve, QPStructure, SolveCall, failure_error,
+                          reject_nested_derivatives)
 
 _F64 = torch.float64
 
@@ -53,7 +54,9 @@ class Layer(torch.nn.Module):
         solver: ``None`` for the model's. For the quadratic backend ``"highs"``, ``"scs"``,
             ``"qpth"`` (batched, CPU or CUDA, strictly convex QPs), ``"ipm"`` (this package's
             batched interior point in torch, CPU or CUDA, LPs too) or ``"auto"`` (the IPM for
-            batches held densely, HiGHS/SCS above); for the conic backend ``"scs"`` (also
+            batches of 32 members or more held densely, and on CUDA; HiGHS member by
+            member for smaller batches; HiGHS/SCS for problems too large to hold densely;
+            under ``vmap`` the folded batch counts); for the conic backend ``"scs"`` (also
             ``"auto"``) or ``"clarabel"`` (which makes ``backend=None`` pick the conic backend
             for LPs and QPs too); the nonlinear backend uses SLSQP.
         backend: ``"quadratic"``, ``"nonlinear"``, ``"conic"`` or ``None`` (the model's:
@@ -185,6 +188,7 @@ class Layer(torch.nn.Module):
 
     def _solve(self, theta, B, device):
         """Solve the batch: ``(call, x, μ, f)`` (internal sign conventions)."""
+        reject_nested_derivatives()
         if self.nonlinear:
             call = NLPCall(self.pipeline)
             members = [t if t.dim() > p.ndim else t.unsqueeze(0).expand(B, *p.shape)

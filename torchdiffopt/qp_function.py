@@ -425,6 +425,23 @@ class QPSolve(torch.autograd.Function):
         return vmap_by_folding(QPSolve, info, in_dims, call, tensors)
 
 
+def reject_nested_derivatives() -> None:
+    """Raise NotImplementedError under two or more nested differentiating ``torch.func``
+    transforms (``hessian``, ``jacfwd(jacrev(…))``, ``grad(grad(…))``). The solution maps'
+    ``backward`` and ``jvp`` use the factorization of the optimality conditions as a constant,
+    which is exact to first order only: a second derivative through them would silently
+    miss the terms where that factorization moves. ``vmap`` over one derivative is fine."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    levels = [i.key() for i in retrieve_all_functorch_interpreters()]
+    if sum(k in (TransformType.Grad, TransformType.Jvp) for k in levels) > 1:
+        raise NotImplementedError(
+            "second derivatives of an optimization layer (nested grad/jvp transforms such as "
+            "torch.func.hessian) are not supported: its derivatives are exact to first "
+            "order only")
+
+
 def vmap_by_folding(function, info, in_dims, call, tensors):
     """The ``vmap`` rule of a batched autograd function ``function.apply(call, *tensors)``
     whose tensors all lead with the batch dimension: the vmapped dimension is folded into

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from ..errors import InfeasibleError, NonconvexError, SolverError, UnboundedError
+from ..errors import InfeasibleError, NonconvexError, UnboundedError
 from .solution import NumericQP
 
 STATUS_OF = {InfeasibleError: "infeasible", UnboundedError: "unbounded",
@@ -27,12 +27,14 @@ def status_of(outcome) -> str:
 
 def solve_each(problems: list, solve, n_jobs: int | None = None) -> list:
     """Solve every problem with ``solve``, ``n_jobs`` at a time (HiGHS and SCS release the
-    GIL while they run). Returns ``solve``'s result or the exception it raised, per problem."""
+    GIL while they run). Returns ``solve``'s result or the exception it raised, per problem:
+    an exception of any kind stays with its member (status ``"solver_error"`` unless
+    :data:`STATUS_OF` names it), so the others are kept."""
 
     def one(problem: NumericQP):
         try:
             return solve(problem)
-        except (SolverError, NonconvexError) as err:
+        except Exception as err:  # noqa: BLE001 - whatever one member raises is its outcome
             return err
 
     workers = min(len(problems), n_jobs or os.cpu_count() or 1)
