@@ -1,6 +1,5 @@
 """tdo.functional.qp: raw batched data, against qpth and closed forms."""
 
-import numpy as np
 import pytest
 import torch
 
