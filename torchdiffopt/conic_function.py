@@ -41,7 +41,7 @@ from .backends.cones import ConeDims, kinks, project
 from .errors import DegenerateSolutionWarning
 from .qp_function import reject_nested_derivatives, vmap_by_folding
 from .solvers import conic_solver
-from .solvers.batch import solve_each, status_of
+from .solvers.batch import record_outcomes, solve_each
 
 _F64 = torch.float64
 _NDIM = {"A": 2, "b": 1, "c": 1, "P": 2}  # unbatched number of dimensions
@@ -113,13 +113,7 @@ def _solve_batch(call: ConicCall, P_vals, c, A_vals, b, margins):
             todo.append(j)
     outcomes = solve_each(todo, lambda j: _solve_member(st, *(a[j] for a in arrays[:4])),
                           st.n_jobs)
-    members: list[_Member | None] = [None] * B
-    for j, out in zip(todo, outcomes):
-        status[j] = status_of(out)
-        if isinstance(out, Exception):
-            errors[j] = out
-        else:
-            members[j] = out
+    members: list[_Member | None] = record_outcomes(todo, outcomes, B, status, errors)
     valid = torch.tensor([mb is not None for mb in members], device=device)
     if pt.dense:
         z = np.zeros((B, pt.n + pt.m))

@@ -31,7 +31,7 @@ from .errors import (DegenerateSolutionWarning, InfeasibleError, NonconvexError,
                      UnboundedError)
 from .linalg.factorization import DENSE_MAX_ORDER
 from .solvers import NumericQP, qp_solver, solve_highs, solve_scs
-from .solvers.batch import solve_each, solve_qpth, status_of
+from .solvers.batch import record_outcomes, solve_each, solve_qpth, status_of
 from .solvers.ipm import DUAL_INFEASIBLE, NOT_CONVERGED, OPTIMAL, PRIMAL_INFEASIBLE, solve_ipm
 
 #: largest relative KKT residual accepted from a solver
@@ -224,13 +224,7 @@ def _solve_memberwise(call: SolveCall, P_vals, q, r, C_vals, c0):
     members = [b for b in range(B) if finite[b]]
     problems = [st.numeric(*(a[b] for a in arrays)) for b in members]
     outcomes = solve_each(problems, lambda p: solve_and_certify(p, st.solver), st.n_jobs)
-    kkts = [None] * B
-    for b, out in zip(members, outcomes):
-        status[b] = status_of(out)
-        if isinstance(out, Exception):
-            errors[b] = out
-        else:
-            kkts[b] = out
+    kkts = record_outcomes(members, outcomes, B, status, errors)
     call.kkt = MemberwiseKKT(st, kkts, q.device)
     call.status, call.errors = status, errors
     _warn_degenerate([b for b, k in enumerate(kkts)

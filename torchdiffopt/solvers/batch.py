@@ -44,6 +44,21 @@ def solve_each(problems: list, solve, n_jobs: int | None = None) -> list:
         return list(pool.map(one, problems))
 
 
+def record_outcomes(indices: list, outcomes: list, size: int, status: list,
+                    errors: dict) -> list:
+    """Sort the outcomes of :func:`solve_each` for the members ``indices`` of a batch of
+    ``size``: each member's status into ``status``, its exception (if any) into ``errors``;
+    returns the results by member, None where there is none."""
+    results = [None] * size
+    for j, out in zip(indices, outcomes):
+        status[j] = status_of(out)
+        if isinstance(out, Exception):
+            errors[j] = out
+        else:
+            results[j] = out
+    return results
+
+
 def solve_qpth(P, q, C_all, c0_all, sense_all, max_iter: int = 50):
     """Solve a batch with qpth's batched primal-dual interior point (CPU or CUDA, strictly
     convex QPs). Returns ``x (B, n)``, multipliers ``μ (B, M)`` of the internal rows in the
@@ -71,4 +86,4 @@ def solve_qpth(P, q, C_all, c0_all, sense_all, max_iter: int = 50):
     return x, mu, active
 
 
-__all__ = ["solve_each", "solve_qpth", "status_of"]
+__all__ = ["record_outcomes", "solve_each", "solve_qpth", "status_of"]
