@@ -4,6 +4,7 @@ sparse problems differentiate through a sparse factorization."""
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch
 
 import torchdiffopt as tdo
 from helpers import forward_derivative as forward
@@ -107,3 +108,19 @@ def test_sparse_qp_with_ten_thousand_variables():
     # a coordinate with no active constraint around it moves by v_i / d_i
     i = int(np.flatnonzero(free & ~np.r_[kkt.active, False] & ~np.r_[False, kkt.active])[0])
     assert dx[i] == pytest.approx(v[i] / d[i], rel=1e-9)
+
+
+def test_degeneracy_warnings_point_at_the_callers_line():
+    """Raised deep inside a layer's autograd Function, the warning names the user's file."""
+    import warnings
+
+    Q = torch.eye(2, dtype=torch.float64)
+    p = torch.tensor([-1.0, -1.0], dtype=torch.float64)
+    # the two rows x1 <= 0.5 and x1 + 0 x2 <= 0.5 coincide: singular KKT system
+    G = torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    h = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tdo.functional.qp(Q, p, G=G, h=h)
+    degenerate = [w for w in caught if issubclass(w.category, tdo.DegenerateSolutionWarning)]
+    assert degenerate and all(w.filename == __file__ for w in degenerate)

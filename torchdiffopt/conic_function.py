@@ -27,7 +27,6 @@ The :class:`~torchdiffopt.Layer` (conic backend) and :func:`conic` are thin clie
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +37,7 @@ from .backends.batched_conic import (BatchedConicDerivative, ConicPattern, Spars
                                      refine_dense)
 from .backends.conic import ConicDerivative, ResidualMap
 from .backends.cones import ConeDims, kinks, project
-from .errors import DegenerateSolutionWarning
+from .errors import warn_degenerate
 from .qp_function import reject_nested_derivatives, vmap_by_folding
 from .solvers import conic_solver
 from .solvers.batch import record_outcomes, solve_each
@@ -148,17 +147,17 @@ def _solve_batch(call: ConicCall, P_vals, c, A_vals, b, margins):
 
 def _warn_degenerate(singular: list, kinked: dict) -> None:
     if singular:
-        warnings.warn(DegenerateSolutionWarning(
+        warn_degenerate(
             f"batch members {singular}: the cone program's derivative matrix M is singular "
             "(the primal or dual solution is not unique); their derivatives are the "
             "minimum-norm least-squares solution of the linearized optimality conditions "
-            "(exact along data directions that keep a solution path)"), stacklevel=6)
+            "(exact along data directions that keep a solution path)")
     if kinked:
         shown = "; ".join(f"[{j}] {', '.join(k[:4])}" for j, k in list(kinked.items())[:5])
-        warnings.warn(DegenerateSolutionWarning(
+        warn_degenerate(
             f"strict complementarity fails at cones of batch members {shown} (slack and dual "
             "both on a nonsmooth part of the boundary): derivatives there are one-sided, "
-            "taken on the side of the solver's point"), stacklevel=6)
+            "taken on the side of the solver's point")
 
 
 class ConicSolve(torch.autograd.Function):

@@ -19,7 +19,6 @@ Two KKT representations share one interface (``jvp`` / ``vjp`` on the stored ent
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import scipy.sparse as sp
@@ -27,8 +26,8 @@ import torch
 
 from .backends.batched_quadratic import BatchedQuadraticKKT, with_bound_rows
 from .backends.quadratic import DataTangent, QuadraticKKT, bound_rows, check_convex
-from .errors import (DegenerateSolutionWarning, InfeasibleError, NonconvexError, SolverError,
-                     UnboundedError)
+from .errors import (InfeasibleError, NonconvexError, SolverError, UnboundedError,
+                     warn_degenerate)
 from .linalg.factorization import DENSE_MAX_ORDER
 from .solvers import NumericQP, qp_solver, solve_highs, solve_scs
 from .solvers.batch import record_outcomes, solve_each, solve_qpth, status_of
@@ -197,10 +196,9 @@ class MemberwiseKKT:
 
 def _warn_degenerate(members: list) -> None:
     if members:
-        warnings.warn(DegenerateSolutionWarning(
+        warn_degenerate(
             f"batch members {members}: singular KKT system or weakly active constraints; "
-            "their derivatives are minimum-norm least-squares or one-sided derivatives"),
-            stacklevel=7)
+            "their derivatives are minimum-norm least-squares or one-sided derivatives")
 
 
 def _solve_batch(call: SolveCall, P_vals, q, r, C_vals, c0):

@@ -62,7 +62,7 @@ import scipy.linalg as sla
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
-from ..errors import DegenerateSolutionWarning
+from ..errors import warn_degenerate
 from ..linalg.factorization import DENSE_MAX_ORDER
 from .cones import ConeDims, kinks, project, projection_derivative
 
@@ -269,19 +269,17 @@ class ConicDerivative(ResidualMap):
 
     def _warn(self):
         if self.singular:
-            warnings.warn(DegenerateSolutionWarning(
+            warn_degenerate(
                 f"the cone program's derivative matrix M is singular (reciprocal condition "
                 f"{self.rcond:.1e}): the primal or dual solution is not unique. Derivatives "
                 "are the minimum-norm least-squares solution of the linearized optimality "
-                "conditions (exact along data directions that keep a solution path)"),
-                stacklevel=3)
+                "conditions (exact along data directions that keep a solution path)")
         if self.kinks:
             shown = ", ".join(self.kinks[:8]) + (" …" if len(self.kinks) > 8 else "")
-            warnings.warn(DegenerateSolutionWarning(
+            warn_degenerate(
                 f"strict complementarity fails at cones {shown} (slack and dual both on a "
                 "nonsmooth part of the boundary): the solution map has a kink there and "
-                "derivatives are one-sided, taken on the side of the solver's point"),
-                stacklevel=3)
+                "derivatives are one-sided, taken on the side of the solver's point")
 
     def _split_solve(self, rhs, transpose):
         out = -self.system.solve(rhs, transpose=transpose)

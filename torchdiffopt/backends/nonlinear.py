@@ -26,14 +26,13 @@ derivatives, and a reduced Hessian that is not positive definite on the null spa
 
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import scipy.linalg
 import torch
 from torch.func import grad, jacrev
 
-from ..errors import DegenerateSolutionWarning, SolverError
+from ..errors import SolverError, warn_degenerate
 from ..linalg.factorization import factorize_symmetric
 from .quadratic import ACTIVE_RTOL, WEAK_RTOL, DataCotangent, bound_rows
 
@@ -181,20 +180,20 @@ class NonlinearKKT:
                 f"no local optimum found (relative KKT residual {self.kkt_residual:.1e} after "
                 "polishing): the problem may be locally infeasible, unbounded or nonsmooth here")
         if self.singular:
-            warnings.warn(DegenerateSolutionWarning(
+            warn_degenerate(
                 "the KKT matrix is singular at this solution (linear independence of the active "
                 "constraint gradients or strict complementarity fails); derivatives are "
-                "minimum-norm least-squares derivatives"), stacklevel=5)
+                "minimum-norm least-squares derivatives")
         elif self.reduced_hessian_min <= 1e-10:
-            warnings.warn(DegenerateSolutionWarning(
+            warn_degenerate(
                 "the second-order sufficient condition fails at this point (reduced Hessian "
                 f"eigenvalue {self.reduced_hessian_min:.2e}): it may not be a strict local "
-                "minimum, and derivatives describe the stationary point"), stacklevel=5)
+                "minimum, and derivatives describe the stationary point")
         elif self._weak_any:
-            warnings.warn(DegenerateSolutionWarning(
+            warn_degenerate(
                 f"weakly active constraints (binding with a zero dual) at constraint rows "
                 f"{list(self.weakly_active)} or bounds: derivatives are one-sided (these "
-                "constraints kept binding)"), stacklevel=5)
+                "constraints kept binding)")
 
     # -- differentiation --------------------------------------------------------------------
     def _F_theta(self, theta: tuple):

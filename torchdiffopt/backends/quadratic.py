@@ -40,13 +40,12 @@ one-sided derivative in which they stay active, and a warning says so as well.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
 
-from ..errors import DegenerateSolutionWarning
+from ..errors import warn_degenerate
 from ..linalg.factorization import factorize_symmetric
 from ..solvers.solution import NumericQP, Solution
 
@@ -199,26 +198,18 @@ class QuadraticKKT:
         weak_rows = [int(i) for i in np.flatnonzero(weak[: self.m])]
         weak_bounds = int(weak[self.m:].sum())
         if self.singular:
-            warnings.warn(
-                DegenerateSolutionWarning(
-                    f"the KKT matrix is singular at this solution ({len(self._active_all)} "
-                    f"binding constraints/bounds for {self.n} variables: a degenerate vertex, "
-                    "redundant constraints or a flat objective direction); derivatives are "
-                    "minimum-norm least-squares derivatives"
-                ),
-                stacklevel=5,
-            )
+            warn_degenerate(
+                f"the KKT matrix is singular at this solution ({len(self._active_all)} "
+                f"binding constraints/bounds for {self.n} variables: a degenerate vertex, "
+                "redundant constraints or a flat objective direction); derivatives are "
+                "minimum-norm least-squares derivatives")
         elif weak_rows or weak_bounds:
             where = [f"constraint rows {weak_rows}"] if weak_rows else []
             where += [f"{weak_bounds} variable bound(s)"] if weak_bounds else []
-            warnings.warn(
-                DegenerateSolutionWarning(
-                    f"weakly active constraints (binding with a zero dual) at "
-                    f"{' and '.join(where)}: the solution map has a kink here; derivatives "
-                    "are one-sided (these constraints kept binding)"
-                ),
-                stacklevel=5,
-            )
+            warn_degenerate(
+                f"weakly active constraints (binding with a zero dual) at "
+                f"{' and '.join(where)}: the solution map has a kink here; derivatives "
+                "are one-sided (these constraints kept binding)")
 
     # -- forward mode ---------------------------------------------------------------------
     def jvp(self, t: DataTangent):
