@@ -124,3 +124,23 @@ def test_degeneracy_warnings_point_at_the_callers_line():
         tdo.functional.qp(Q, p, G=G, h=h)
     degenerate = [w for w in caught if issubclass(w.category, tdo.DegenerateSolutionWarning)]
     assert degenerate and all(w.filename == __file__ for w in degenerate)
+
+
+def test_pseudo_inverse_on_coupled_rows_equals_the_full_one():
+    """Singular symmetric matrices whose other rows are unit rows (as the batched KKT
+    systems decouple inactive constraints): the pseudo-inverse from the coupled block alone
+    equals torch's full one."""
+    from torchdiffopt.linalg.factorization import symmetric_pseudo_inverse
+
+    gen = torch.Generator().manual_seed(0)
+    N, Ks = 12, []
+    for k in range(3, 9):  # a different number of coupled rows per member
+        A = torch.randn(k, 2, dtype=torch.float64, generator=gen)
+        K = torch.eye(N, dtype=torch.float64)
+        idx = torch.randperm(N, generator=gen)[:k]
+        K[idx.unsqueeze(-1), idx] = A @ A.T  # rank 2 < k: singular
+        Ks.append(K)
+    Ks = torch.stack(Ks)
+    expected = torch.linalg.pinv(Ks, hermitian=True)
+    got = symmetric_pseudo_inverse(Ks, 1e3 * torch.finfo(torch.float64).eps * N)
+    assert (got - expected).abs().max() < 1e-12

@@ -57,10 +57,7 @@ class DenseFactorization:
             Ks = K.reshape(-1, self.order, self.order)[self._members]
             rel = 1e3 * torch.finfo(K.dtype).eps * self.order
             if symmetric:
-                w, V = torch.linalg.eigh(Ks)
-                cutoff = rel * w.abs().amax(-1, keepdim=True)
-                inv_w = torch.where(w.abs() > cutoff, 1.0 / w, torch.zeros_like(w))
-                self._pinv = (V * inv_w.unsqueeze(-2)) @ V.transpose(-1, -2)
+                self._pinv = symmetric_pseudo_inverse(Ks, rel)
             else:
                 self._pinv = torch.linalg.pinv(Ks, rtol=rel)
 
@@ -78,6 +75,29 @@ class DenseFactorization:
             mask = self.singular.reshape(*self.singular.shape, 1, 1)
             z = torch.where(mask, least_squares.reshape(z.shape), z)
         return z
+
+
+def symmetric_pseudo_inverse(K: torch.Tensor, rtol: float) -> torch.Tensor:
+    """Moore–Penrose pseudo-inverse of symmetric matrices ``K (S, N, N)`` from ``eigh``,
+    eigenvalues below ``rtol`` times the largest magnitude dropped.
+
+    A row equal to the unit vector ``e_iᵀ`` (by symmetry, so is column ``i``) is a 1×1 block
+    of ``K`` with ``K⁺ = 1`` there, and the batched KKT systems decouple their inactive rows
+    exactly so. ``eigh`` (about 9 N³ operations) therefore runs on the other rows only: each
+    member's coupled rows first, cut at the batch's largest count (a member with fewer keeps
+    some unit rows in its block, which is exact too)."""
+    S, N, _ = K.shape
+    eye = torch.eye(N, dtype=K.dtype, device=K.device)
+    unit = (K == eye).all(-1)
+    coupled = int((~unit).sum(-1).max())
+    rows = torch.argsort(unit.to(torch.int8), dim=-1, stable=True)[:, :coupled]
+    entries = (rows.unsqueeze(-1) * N + rows.unsqueeze(-2)).reshape(S, -1)  # block's (i, j)
+    block = K.reshape(S, N * N).gather(1, entries).reshape(S, coupled, coupled)
+    w, V = torch.linalg.eigh(block)
+    top = torch.maximum(w.abs().amax(-1), unit.any(-1).to(K.dtype))  # unit rows: eigenvalue 1
+    inv_w = torch.where(w.abs() > rtol * top.unsqueeze(-1), 1.0 / w, torch.zeros_like(w))
+    block_pinv = ((V * inv_w.unsqueeze(-2)) @ V.mT).reshape(S, -1)
+    return eye.expand(S, N, N).reshape(S, N * N).scatter(1, entries, block_pinv).reshape(S, N, N)
 
 
 class SparseFactorization:
