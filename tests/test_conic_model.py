@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import torchdiffopt as tdo
-from helpers import forward_derivative as forward
+from helpers import central_difference, forward_derivative as forward
 from torchdiffopt.backends.cones import ConeDims, smat
 from torchdiffopt.pipelines import ConicPipeline, QuadraticPipeline, pipeline_for
 
@@ -325,17 +325,9 @@ def test_weighted_norm_in_a_constraint_fd_and_adjoint(form):
     m.forward_differentiate()
     jv = np.r_[m.get_forward_variable(x), m.get_forward_constraint_dual(row),
                m.get_forward_objective()]
-    h = 1e-6
-    values = {p: p.value.copy() for p in params}
-    shifted = []
-    for sign in (1, -1):
-        for p in params:
-            m.set_parameter_value(p, values[p] + sign * h * v[p])
-        shifted.append(outputs())
-    for p in params:
-        m.set_parameter_value(p, values[p])
+    fd = central_difference(m, v, outputs)
     outputs()
-    np.testing.assert_allclose(jv, (shifted[0] - shifted[1]) / (2 * h), atol=1e-7)
+    np.testing.assert_allclose(jv, fd, atol=1e-7)
     w = rng.normal(size=5)
     reverse(m, variable=(x, w[:3]), dual=(row, w[3]), objective=w[4])
     vjp = sum(float(np.sum(m.get_reverse_parameter(p) * v[p])) for p in params)
@@ -508,17 +500,8 @@ def test_random_cone_programs_through_the_model(cones, quadratic):
     jv = np.concatenate([m.get_forward_variable(x)]
                         + [np.ravel(m.get_forward_constraint_dual(c)) for c in cons]
                         + [[m.get_forward_objective()]])
-    h = 1e-6
-    values = {p: p.value.copy() for p in params}
-    shifted = []
-    for sign in (1, -1):
-        for p in params:
-            m.set_parameter_value(p, values[p] + sign * h * v[p])
-        shifted.append(outputs())
-    for p in params:
-        m.set_parameter_value(p, values[p])
+    fd = central_difference(m, v, outputs)
     np.testing.assert_allclose(outputs(), base, atol=1e-12)
-    fd = (shifted[0] - shifted[1]) / (2 * h)
     np.testing.assert_allclose(jv, fd, rtol=0, atol=1e-7 * max(1.0, np.abs(fd).max()))
 
     # reverse mode: the adjoint identity ⟨w, J v⟩ = ⟨Jᵀw, v⟩ with seeds on everything
