@@ -237,3 +237,25 @@ def test_nonlinear_layer_vmap_and_failures():
     layer(Rg)[:, 1].sum().backward()
     # on the circle x₁ grows with r: dx₁/dr > 0 for both members
     assert (Rg.grad > 0).all()
+
+
+def test_an_unexpected_error_stays_with_its_member(monkeypatch):
+    """Whatever one member's solve raises (here a LinAlgError), the others are kept."""
+    m = tdo.nonlinear_diff_model()
+    x = m.variable(2, name="x")
+    p = m.parameter(np.zeros(2), name="p")
+    m.minimize(tdo.sum((x - p) ** 4))
+    layer = tdo.Layer(m, parameters=[p], outputs=x, on_failure="nan")
+    P = torch.tensor([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]], dtype=torch.float64)
+    solve = layer.pipeline.solve
+
+    def failing_second(theta):
+        if float(theta[0][0]) == 0.3:
+            raise np.linalg.LinAlgError("SVD did not converge")
+        return solve(theta)
+
+    monkeypatch.setattr(layer.pipeline, "solve", failing_second)
+    out = layer(P)
+    assert layer.last_status == ["optimal", "solver_error", "optimal"]
+    assert torch.isnan(out[1]).all()
+    torch.testing.assert_close(out[[0, 2]], P[[0, 2]], atol=1e-4, rtol=0)

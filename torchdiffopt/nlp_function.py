@@ -17,10 +17,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .errors import NonconvexError, SolverError
 from .pipelines import NonlinearPipeline
 from .qp_function import vmap_by_folding
-from .solvers.batch import status_of
+from .solvers.batch import record_outcomes, solve_each
 
 _F64 = torch.float64
 
@@ -41,21 +40,22 @@ def _solve_members(call: NLPCall, theta: tuple):
     B = theta[0].shape[0] if theta else 1
     n, m = pipeline.form.n, pipeline.form.m
     x, mu, f = (torch.full(shape, torch.nan, dtype=_F64) for shape in ((B, n), (B, m), (B,)))
-    call.solved, call.status, call.errors = [None] * B, ["optimal"] * B, {}
-    for b in range(B):
-        member = tuple(t[b].detach().cpu().to(_F64) for t in theta)
-        if not all(torch.isfinite(t).all() for t in member):
+    call.status, call.errors = ["optimal"] * B, {}
+    members = [tuple(t[b].detach().cpu().to(_F64) for t in theta) for b in range(B)]
+    todo = []
+    for b, member in enumerate(members):
+        if all(torch.isfinite(t).all() for t in member):
+            todo.append(b)
+        else:
             call.status[b] = "invalid_data"
             call.errors[b] = ValueError("the parameters contain NaN or inf")
-            continue
-        try:
-            solved = pipeline.solve(member)
-        except (SolverError, NonconvexError) as err:
-            call.status[b], call.errors[b] = status_of(err), err
-            continue
-        call.solved[b] = solved
-        x[b], mu[b], f[b] = (torch.as_tensor(solved.x), torch.as_tensor(solved.mu),
-                             solved.objective)
+    # one at a time: the pipeline warm-starts each solve from the previous solution
+    outcomes = solve_each(todo, lambda b: pipeline.solve(members[b]), n_jobs=1)
+    call.solved = record_outcomes(todo, outcomes, B, call.status, call.errors)
+    for b, solved in enumerate(call.solved):
+        if solved is not None:
+            x[b], mu[b], f[b] = (torch.as_tensor(solved.x), torch.as_tensor(solved.mu),
+                                 solved.objective)
     device = theta[0].device if theta else torch.device("cpu")
     return x.to(device), mu.to(device), f.to(device)
 

@@ -182,10 +182,6 @@ class BatchedConicDerivative:
         self.pattern, self.systems, self.valid = pattern, systems, valid
         self.x, self.y = x, y
 
-    @property
-    def singular(self) -> torch.Tensor:
-        return self.systems.singular
-
     def jvp(self, dP_vals, dc, dA_vals, db):
         """Tangents with a direction dimension ``K`` after the batch, ``(B, K, …)``:
         returns ``(dx, dy, ds)``."""

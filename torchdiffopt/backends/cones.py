@@ -757,8 +757,6 @@ class ProjectionDerivative:
             out[idx] = np.einsum("kij,kjr->kir", mats, cols[idx])
         return out.reshape(dv.shape)
 
-    rmatvec = matvec
-
     def to_dense(self) -> np.ndarray:
         return self.matvec(np.eye(self.shape[0]))
 
