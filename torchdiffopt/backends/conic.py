@@ -60,10 +60,9 @@ import warnings
 import numpy as np
 import scipy.linalg as sla
 import scipy.sparse as sp
-import scipy.sparse.linalg as spla
 
 from ..errors import warn_degenerate
-from ..linalg.factorization import DENSE_MAX_ORDER
+from ..linalg.factorization import DENSE_MAX_ORDER, SparseFactorization
 from .cones import ConeDims, kinks, project, projection_derivative
 
 #: estimated reciprocal condition number of ``M`` below which it is treated as singular
@@ -96,32 +95,16 @@ class _LinearSystem:
             else:
                 self._lu = lu
             return
-        self._M = sp.csc_matrix(M)
-        try:
-            lu = spla.splu(self._M)
-            diag = np.abs(lu.U.diagonal())
-            scale = max(abs(self._M).max(), np.finfo(float).tiny)
-            self.rcond = float(diag.min(initial=np.inf) / diag.max(initial=1.0))
-            if diag.min(initial=np.inf) > SINGULAR_RCOND * self.order * scale:
-                self._lu = lu
-        except RuntimeError:  # "Factor is exactly singular"
-            self.rcond = 0.0
-        self.singular = self._lu is None
+        self._sparse = SparseFactorization(M, rtol=SINGULAR_RCOND)
+        self.rcond, self.singular = self._sparse.pivot_ratio, self._sparse.singular
 
     def solve(self, rhs: np.ndarray, transpose: bool = False) -> np.ndarray:
         rhs = np.asarray(rhs, dtype=np.float64)
+        if not self.dense:
+            return self._sparse.solve(rhs, transpose)
         if self._pinv is not None:
             return (self._pinv.T if transpose else self._pinv) @ rhs
-        if self.dense:
-            return sla.lu_solve(self._lu, rhs, trans=1 if transpose else 0, check_finite=False)
-        if self._lu is not None:
-            return self._lu.solve(rhs, trans="T" if transpose else "N")
-        op = self._M.T if transpose else self._M
-        cols = rhs.reshape(self.order, -1)
-        out = np.column_stack([
-            spla.lsmr(op, col, atol=1e-14, btol=1e-14, maxiter=20 * self.order)[0]
-            for col in cols.T])
-        return out.reshape(rhs.shape)
+        return sla.lu_solve(self._lu, rhs, trans=1 if transpose else 0, check_finite=False)
 
 
 class ResidualMap:

@@ -101,32 +101,39 @@ def symmetric_pseudo_inverse(K: torch.Tensor, rtol: float) -> torch.Tensor:
 
 
 class SparseFactorization:
-    """SuperLU of a sparse symmetric matrix, with an LSMR minimum-norm fallback."""
+    """SuperLU of a sparse matrix (symmetric for the KKT systems, any square matrix for the
+    conic residual map), with an LSMR minimum-norm fallback. ``pivot_ratio`` is
+    ``min |U_ii| / max |U_ii|`` (0 where the factorization failed), a cheap conditioning
+    indicator."""
 
     def __init__(self, K: sp.spmatrix, rtol: float = SINGULAR_RTOL):
         self.order = K.shape[0]
         self._K = sp.csc_matrix(K)
         self._lu = None
+        self.pivot_ratio = 0.0
         try:
             lu = spla.splu(self._K)
             diag = np.abs(lu.U.diagonal())
             scale = max(abs(self._K).max(), np.finfo(float).tiny)
+            self.pivot_ratio = float(diag.min(initial=np.inf) / diag.max(initial=1.0))
             if diag.min(initial=np.inf) > rtol * self.order * scale:
                 self._lu = lu
         except RuntimeError:  # "Factor is exactly singular"
             pass
         self.singular = self._lu is None
 
-    def solve(self, rhs: np.ndarray) -> np.ndarray:
-        """``K⁻¹ rhs`` column by column (minimum-norm least squares where ``K`` is singular)."""
+    def solve(self, rhs: np.ndarray, transpose: bool = False) -> np.ndarray:
+        """``K⁻¹ rhs`` (``K⁻ᵀ rhs`` with ``transpose``) column by column; the minimum-norm
+        least-squares solution where ``K`` is singular."""
         rhs = np.asarray(rhs, dtype=np.float64)
         if self.order == 0:
             return rhs
         if self._lu is not None:
-            return self._lu.solve(rhs)
+            return self._lu.solve(rhs, trans="T" if transpose else "N")
+        op = self._K.T if transpose else self._K
         cols = rhs.reshape(self.order, -1)
         out = np.column_stack([
-            spla.lsmr(self._K, col, atol=1e-14, btol=1e-14, maxiter=20 * self.order)[0]
+            spla.lsmr(op, col, atol=1e-14, btol=1e-14, maxiter=20 * self.order)[0]
             for col in cols.T
         ])
         return out.reshape(rhs.shape)
