@@ -30,7 +30,7 @@ from .errors import (InfeasibleError, NonconvexError, SolverError, UnboundedErro
                      warn_degenerate)
 from .linalg.factorization import DENSE_MAX_ORDER
 from .solvers import NumericQP, qp_solver, solve_highs, solve_scs
-from .solvers.batch import record_outcomes, solve_each, solve_qpth, status_of
+from .solvers.batch import record_outcomes, solve_each, solve_qpth
 from .solvers.ipm import DUAL_INFEASIBLE, NOT_CONVERGED, OPTIMAL, PRIMAL_INFEASIBLE, solve_ipm
 
 #: largest relative KKT residual accepted from a solver
@@ -230,9 +230,9 @@ def _solve_memberwise(call: SolveCall, P_vals, q, r, C_vals, c0):
     x = np.full((B, st.n), np.nan)
     mu = np.full((B, st.m), np.nan)
     f = np.full(B, np.nan)
-    for b, kkt in enumerate(kkts):
+    for b, p in zip(members, problems):
+        kkt = kkts[b]
         if kkt is not None:
-            p = problems[members.index(b)]
             x[b], mu[b] = kkt.x, kkt.mu
             f[b] = 0.5 * kkt.x @ (p.P @ kkt.x) + p.q @ kkt.x + p.r
     return tuple(torch.as_tensor(a, dtype=_F64, device=q.device) for a in (x, mu, f))
@@ -336,20 +336,16 @@ def _cpu_solve(st, solver, P_vals, q, r, C_vals, c0, valid, b_cols, status, erro
     arrays = [t.detach().cpu().numpy() for t in (P_vals, q, r, C_vals, c0)]
     members = [b for b in members if bool(valid[b])]
     problems = [st.numeric(*(a[b] for a in arrays)) for b in members]
-    chosen = {"scs": solve_scs, "highs": solve_highs}.get(solver)
-    outcomes = solve_each(problems, chosen or (lambda p: qp_solver(solver, p)(p)), st.n_jobs)
+    outcomes = solve_each(problems, lambda p: qp_solver(solver, p)(p), st.n_jobs)
     x = np.zeros((B, n))
     mu = np.zeros((B, st.m + len(b_cols)))
     ok = np.zeros(B, dtype=bool)
-    for b, out in zip(members, outcomes):
-        status[b] = status_of(out)
-        if status[b] == "optimal":
+    for b, out in enumerate(record_outcomes(members, outcomes, B, status, errors)):
+        if out is not None:
             x[b] = out.x
             mu[b] = np.concatenate((-out.row_shadow, -out.bound_shadow[b_cols]))
             ok[b] = True
-            errors.pop(b, None)
-        else:
-            errors[b] = out
+            errors.pop(b, None)  # a retried member that succeeded
     as_t = lambda a: torch.as_tensor(a, dtype=_F64, device=dev)  # noqa: E731
     return as_t(x), as_t(mu), torch.as_tensor(ok, device=dev)
 

@@ -70,10 +70,9 @@ class DenseFactorization:
         if self._pinv is not None:
             pinv = self._pinv.transpose(-1, -2) if transpose else self._pinv
             flat = z.reshape(-1, *z.shape[-2:])
-            least_squares = flat.index_copy(
-                0, self._members, pinv @ rhs.expand_as(z).reshape(flat.shape)[self._members])
-            mask = self.singular.reshape(*self.singular.shape, 1, 1)
-            z = torch.where(mask, least_squares.reshape(z.shape), z)
+            z = flat.index_copy(  # the singular members' rows replaced, out of place
+                0, self._members, pinv @ rhs.expand_as(z).reshape(flat.shape)[self._members]
+            ).reshape(z.shape)
         return z
 
 
