@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
-import scipy.sparse.linalg as spla
 
 from ..backends.cones import ConeDims, project
-from ..errors import NonconvexError, SolverError
+from ..errors import SolverError
 
 #: largest relative residual (any of :func:`conic_residuals`) accepted from a solver
 ACCEPT_RESIDUAL = 1e-6
@@ -78,25 +77,11 @@ def cone_program(A, b, c, cones, P=None) -> ConeProgram:
         if P.shape != (n, n) or not np.isfinite(P.data).all():
             raise ValueError(f"P must be a finite ({n}, {n}) matrix, got shape {P.shape}")
         P = sp.csc_matrix(0.5 * (P + P.T))
-        check_psd(P)
+        # imported here: backends.quadratic imports this package's solution types
+        from ..backends.quadratic import check_convex
+
+        check_convex(P)
     return ConeProgram(A, b, c, dims, P)
-
-
-def check_psd(P: sp.spmatrix) -> None:
-    """Raise NonconvexError when the symmetric ``P`` has a clearly negative eigenvalue
-    (below ``-1e-9`` times its largest magnitude, or ``-1e-9``)."""
-    n = P.shape[0]
-    if P.nnz == 0:
-        return
-    if n <= 2000:
-        eig = np.linalg.eigvalsh(P.toarray())
-        low, scale = eig[0], max(1.0, np.abs(eig).max())
-    else:
-        low = spla.eigsh(P, k=1, which="SA", return_eigenvectors=False)[0]
-        scale = max(1.0, abs(spla.eigsh(P, k=1, which="LM",
-                                             return_eigenvectors=False)[0]))
-    if low < -1e-9 * scale:
-        raise NonconvexError(f"P is not positive semidefinite (smallest eigenvalue {low:.3e})")
 
 
 def conic_residuals(A, b, c, cones, x, y, s, P=None) -> dict:
