@@ -258,9 +258,7 @@ class Layer(torch.nn.Module):
             if self.nonlinear:
                 dx, dmu, df = self._memberwise_directions(call, directions, B, device)
             else:
-                tangents = [self._batched(self.form.data_jvp(theta, d), B, device)
-                            for d in directions]
-                stacked = [torch.stack([t[k] for t in tangents], 1) for k in range(5)]
+                stacked = self._data_tangents(theta, directions, B, device)
                 if self.conic:
                     deriv = call.derivative
                     dxt, dy, _ = deriv.jvp(*(stacked[k] for k in (0, 1, 3, 4)))
@@ -281,6 +279,14 @@ class Layer(torch.nn.Module):
                 k += p.size
             result.append(row)
         return result
+
+    def _data_tangents(self, theta, directions, B, device):
+        """The data tangents ``(∂D/∂θ) d`` of all ``directions`` in one vectorized pass (vmap
+        of a jvp of ``data_values``), batched as ``(B, D, …)``."""
+        stacked = tuple(torch.stack(ts) for ts in zip(*directions))
+        tangents = torch.func.vmap(
+            lambda *d: torch.func.jvp(self.form.data_values, theta, d)[1])(*stacked)
+        return torch.func.vmap(lambda *t: self._batched(t, B, device), out_dims=1)(*tangents)
 
     def _memberwise_directions(self, call, directions, B, device):
         """``(dx, dμ, df)`` of shape ``(B, D, …)`` for the nonlinear backend: each member's
