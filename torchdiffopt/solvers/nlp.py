@@ -20,10 +20,25 @@ from scipy.optimize import minimize
 from ..errors import InfeasibleError, SolverError
 
 
+def _last_value(fn):
+    """``fn`` remembering its last argument and value: SLSQP asks the equality and the
+    inequality blocks for the same point one after the other, and each evaluation of all
+    rows (or of their Jacobian, a reverse-mode pass per row) would otherwise run twice."""
+    last = [None, None]
+
+    def cached(x):
+        if last[0] is None or not np.array_equal(last[0], x):
+            last[0], last[1] = np.array(x, copy=True), fn(x)
+        return last[1]
+
+    return cached
+
+
 def solve_slsqp(fun, grad, cons, cons_jac, sense: np.ndarray, lb, ub, x0: np.ndarray,
                 max_iter: int = 300, tol: float = 1e-12) -> np.ndarray:
     """Minimize ``fun`` from ``x0``; ``cons(x)`` returns all rows ``g(x)``, ``cons_jac(x)``
     their Jacobian. Returns the point; raises a named error when SLSQP fails."""
+    cons, cons_jac = _last_value(cons), _last_value(cons_jac)  # "eq" and "ineq" share them
     constraints = []
     eq, ge, le = sense == 0, sense == 1, sense == -1
     if eq.any():
