@@ -33,6 +33,9 @@ import torch
 SINGULAR_RTOL = 1e-11
 #: Dense systems up to this order are factorized densely.
 DENSE_MAX_ORDER = 1500
+#: On CPU, batches of matrices of at least this order are LU-factored one matrix at a time
+#: (see :func:`_lu_factor`).
+LOOPED_LU_MIN_ORDER = 128
 
 
 class DenseFactorization:
@@ -45,7 +48,7 @@ class DenseFactorization:
         if self.order == 0:
             self.singular = torch.zeros(K.shape[:-2], dtype=torch.bool)
             return
-        lu, pivots, info = torch.linalg.lu_factor_ex(K)
+        lu, pivots, info = _lu_factor(K)
         diag = lu.diagonal(dim1=-2, dim2=-1).abs()
         scale = K.abs().amax(dim=(-2, -1)).clamp_min(torch.finfo(K.dtype).tiny)
         self.singular = (info != 0) | (diag.amin(dim=-1) <= rtol * self.order * scale)
@@ -74,6 +77,26 @@ class DenseFactorization:
                 0, self._members, pinv @ rhs.expand_as(z).reshape(flat.shape)[self._members]
             ).reshape(z.shape)
         return z
+
+
+def _lu_factor(K: torch.Tensor):
+    """``torch.linalg.lu_factor_ex(K)``, working around a CPU bug of batched LU.
+
+    After ``torch.set_num_threads(k)``, torch 2.13's MKL build factors batches of matrices
+    of order ≥ about 150 wrongly: out-of-range pivots (MKL prints "Parameter 6 was incorrect
+    on entry to DLASWP") or a hang. One matrix at a time is unaffected, and takes 0.8–1.7×
+    the batched time at these orders (measured, 2 cores), so on CPU matrices of order
+    ≥ ``LOOPED_LU_MIN_ORDER`` are factored one by one. Below it the batched pivots are
+    checked (one O(batch · N) pass) and the batch is factored one by one if they are not a
+    valid permutation record."""
+    cpu_batch = K.device.type == "cpu" and K.dim() > 2 and K.numel() > 0
+    if not cpu_batch or K.shape[-1] < LOOPED_LU_MIN_ORDER:
+        lu, pivots, info = torch.linalg.lu_factor_ex(K)
+        if not cpu_batch or not bool(((pivots < 1) | (pivots > K.shape[-1])).any()):
+            return lu, pivots, info
+    flat = K.reshape(-1, *K.shape[-2:])
+    parts = [torch.linalg.lu_factor_ex(flat[i : i + 1]) for i in range(len(flat))]
+    return tuple(torch.cat(v).reshape(*K.shape[:-2], *v[0].shape[1:]) for v in zip(*parts))
 
 
 def symmetric_pseudo_inverse(K: torch.Tensor, rtol: float) -> torch.Tensor:
