@@ -40,9 +40,12 @@ LOOPED_LU_MIN_ORDER = 128
 
 class DenseFactorization:
     """LU of a dense (batched) matrix ``K`` of shape ``(*batch, N, N)``, symmetric unless
-    ``symmetric=False``."""
+    ``symmetric=False``. ``pseudo_inverse(Ks, rtol)``, if given, computes the pseudo-inverse
+    of the singular symmetric members ``Ks (S, N, N)`` in place of
+    :func:`symmetric_pseudo_inverse` (for a structure it can exploit)."""
 
-    def __init__(self, K: torch.Tensor, rtol: float = SINGULAR_RTOL, symmetric: bool = True):
+    def __init__(self, K: torch.Tensor, rtol: float = SINGULAR_RTOL, symmetric: bool = True,
+                 pseudo_inverse=None):
         self.order = K.shape[-1]
         self._pinv = None
         if self.order == 0:
@@ -60,7 +63,7 @@ class DenseFactorization:
             Ks = K.reshape(-1, self.order, self.order)[self._members]
             rel = 1e3 * torch.finfo(K.dtype).eps * self.order
             if symmetric:
-                self._pinv = symmetric_pseudo_inverse(Ks, rel)
+                self._pinv = (pseudo_inverse or symmetric_pseudo_inverse)(Ks, rel)
             else:
                 self._pinv = torch.linalg.pinv(Ks, rtol=rel)
 
