@@ -146,25 +146,27 @@ def test_pseudo_inverse_on_coupled_rows_equals_the_full_one():
     assert (got - expected).abs().max() < 1e-12
 
 
-def test_lp_kkt_pseudo_inverse_equals_the_full_one():
-    """The LP shortcut K⁺ = [[0, G⁺], [G⁺ᵀ, D]] for K = [[0, Gᵀ], [G, D]] (G with more rows
-    than columns and dependent rows, as at a degenerate vertex; D = 1 on zero rows of G)
+def test_kkt_pseudo_inverse_shortcut_equals_the_full_one():
+    """The SVD shortcut for K = [[γI, Gᵀ], [G, D]] (γ = 0: an LP, γ > 0: a ridge-smoothed
+    LP; G with dependent rows, as at a degenerate vertex; D = 1 on the zero rows of G)
     equals torch's pseudo-inverse of the whole matrix, in a batch that also holds a QP
-    member (P ≠ 0), which goes the general way."""
+    member with another P, which goes the general way."""
     from torchdiffopt.backends.batched_quadratic import _kkt_pseudo_inverse
 
     gen = torch.Generator().manual_seed(1)
     n, k = 5, 9
     Ks = []
-    for member in range(4):
+    for gamma in (0.0, 0.0, 0.2, 3.0, None):
         G = torch.randn(k, n, dtype=torch.float64, generator=gen)
         G[-2:] = 0.0                      # two unused slots
         G[3] = G[0] + G[1]                # a dependent row
+        G[:, 0] = 0.0                     # rank < n: a null space for γI to act on
         D = torch.diag((G == 0).all(-1).to(torch.float64))
-        P = torch.zeros(n, n, dtype=torch.float64)
-        if member == 3:                   # a singular QP member: P ⪰ 0 of rank 1
+        if gamma is None:                 # a general PSD P of rank 1
             v = torch.randn(n, 1, dtype=torch.float64, generator=gen)
             P = v @ v.T
+        else:
+            P = gamma * torch.eye(n, dtype=torch.float64)
         Ks.append(torch.cat((torch.cat((P, G.T), 1), torch.cat((G, D), 1)), 0))
     Ks = torch.stack(Ks)
     expected = torch.linalg.pinv(Ks, hermitian=True)

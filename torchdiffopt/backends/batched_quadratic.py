@@ -51,25 +51,44 @@ def _amax(t: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
 
 def _kkt_pseudo_inverse(K: torch.Tensor, n: int, rtol: float) -> torch.Tensor:
     """Moore–Penrose pseudo-inverse of singular KKT matrices ``K (S, n + k, n + k)`` as
-    built by :class:`BatchedQuadraticKKT`. Where ``P = 0`` (an LP; singular at a degenerate
-    vertex) ``K = [[0, Gᵀ], [G, D]]`` with ``D = diag(1 − s)`` zero on the rows of ``G``
-    that are not zero, and then ``K⁺ = [[0, G⁺], [G⁺ᵀ, D]]`` (the four Penrose conditions
-    hold blockwise), so only ``G`` (k × n) needs a pseudo-inverse: an SVD, 2.6× faster than
-    the eigendecomposition of ``K`` on W3 (k = 64, n = 40). Other members go through
+    built by :class:`BatchedQuadraticKKT`.
+
+    Where ``P = γI`` with ``γ ≥ 0`` (an LP, or the ridge-smoothed LPs of decision-focused
+    learning; singular at a degenerate vertex), ``K = [[γI, Gᵀ], [G, D]]`` with
+    ``D = diag(1 − s)`` zero on the rows of ``G`` that are not zero. With the SVD
+    ``G = U Σ Vᵀ`` restricted to the r singular values above the cutoff, ``K`` splits into
+    2×2 blocks ``[[γ, σ], [σ, 0]]`` (inverse ``[[0, 1/σ], [1/σ, −γ/σ²]]``), ``γ`` on the
+    null space of ``G`` and ``D``, so::
+
+        K⁺ = [[(I − V Vᵀ)/γ,  V Σ⁻¹ Uᵀ        ],
+              [U Σ⁻¹ Vᵀ,      D − γ U Σ⁻² Uᵀ ]]          ((I − V Vᵀ)/γ read as 0 for γ = 0)
+
+    One SVD of ``G`` (k × n) replaces the eigendecomposition of ``K``: 2.6× faster on W3
+    (k = 64, n = 40). Other members go through
     :func:`~torchdiffopt.linalg.factorization.symmetric_pseudo_inverse`."""
-    lp = (K[:, :n, :n] == 0).all(-1).all(-1)
-    if not bool(lp.any()):
+    P = K[:, :n, :n]
+    gamma = P[:, 0, 0] if n else P.new_zeros(len(P))
+    scalar = (P == gamma[:, None, None] * torch.eye(n, dtype=K.dtype, device=K.device))
+    scalar = scalar.all(-1).all(-1) & (gamma >= 0)
+    if not bool(scalar.any()):
         return symmetric_pseudo_inverse(K, rtol)
     out = torch.empty_like(K)
-    if not bool(lp.all()):
-        out[~lp] = symmetric_pseudo_inverse(K[~lp], rtol)
-    G = K[lp, n:, :n]
-    G_pinv = torch.linalg.pinv(G, rtol=rtol)
-    block = torch.zeros_like(K[lp])
-    block[:, :n, n:] = G_pinv
-    block[:, n:, :n] = G_pinv.transpose(-1, -2)
-    block[:, n:, n:] = K[lp, n:, n:]
-    out[lp] = block
+    if not bool(scalar.all()):
+        out[~scalar] = symmetric_pseudo_inverse(K[~scalar], rtol)
+    G, D, g = K[scalar, n:, :n], K[scalar, n:, n:], gamma[scalar, None, None]
+    U, sigma, Vh = torch.linalg.svd(G, full_matrices=False)
+    kept = sigma > rtol * sigma.amax(-1, keepdim=True).clamp_min(torch.finfo(K.dtype).tiny)
+    inv_sigma = torch.where(kept, 1.0 / torch.where(kept, sigma, 1.0), 0.0)
+    V = Vh.transpose(-1, -2) * kept.unsqueeze(-2)
+    U_inv = U * inv_sigma.unsqueeze(-2)                       # U Σ⁻¹ on the kept columns
+    eye = torch.eye(n, dtype=K.dtype, device=K.device)
+    inv_g = torch.where(g > 0, 1.0 / torch.where(g > 0, g, 1.0), 0.0)
+    block = torch.empty_like(K[scalar])
+    block[:, :n, :n] = (eye - V @ V.transpose(-1, -2)) * inv_g
+    block[:, :n, n:] = V @ U_inv.transpose(-1, -2)
+    block[:, n:, :n] = U_inv @ V.transpose(-1, -2)
+    block[:, n:, n:] = D - g * (U_inv @ U_inv.transpose(-1, -2))
+    out[scalar] = block
     return out
 
 
