@@ -309,3 +309,46 @@ def test_cuda_matches_cpu():
     solved = cpu.status == OPTIMAL
     np.testing.assert_allclose(gpu.x[solved.cuda()].cpu().numpy(), cpu.x[solved].numpy(),
                                atol=1e-10)
+
+
+@pytest.mark.parametrize("outer", [True, False])
+def test_shared_matrices_batch_equals_members_solved_alone(outer, monkeypatch):
+    """Members with one P and C and their own q and c0 (decision-focused learning) take the
+    shared path (one GEMM for every Newton matrix; with ``outer=False`` the outer products
+    are too large to precompute). Each member's status, iteration count and solution equal
+    its solve alone, including an infeasible and an unbounded member, an LP, and members
+    that finish early (the others go on)."""
+    import torchdiffopt.solvers.ipm as ipm
+
+    if not outer:
+        monkeypatch.setattr(ipm, "MAX_OUTER_ENTRIES", 0)
+    rng = np.random.default_rng(11)
+    (P, q, C, c0, sense), _, _, _ = known_batch(rng, 1, 6, 1, 5, 5, "qp")
+    B = 7
+    q = torch.tensor(rng.normal(size=(B, 6)))
+    c0 = c0.expand(B, -1) + torch.tensor(rng.uniform(0.0, 0.5, size=(B, 11))) * (sense != 0)
+    c0 = c0.clone()
+    c0[2, 0] += 1e3                              # far from the others: more iterations
+    bound = torch.zeros(1, 2, 6, dtype=C.dtype)
+    bound[:, :, 0] = 1.0
+    C = torch.cat([C, bound], 1)
+    c0 = torch.cat([c0, torch.tensor([[100.0, -100.0]]).expand(B, 2)], 1)
+    c0[4, -2:] = torch.tensor([-1.0, 0.0])       # x₀ ≥ 1 and x₀ ≤ 0: infeasible
+    sense = torch.cat([sense, torch.tensor([1, -1])])
+    cases = {"qp": P, "lp": torch.zeros_like(P)}
+    for kind, P_k in cases.items():
+        data = (P_k.expand(B, -1, -1), q, C.expand(B, -1, -1), c0, sense)
+        result = ipm.solve_ipm(*data)
+        assert result.status[4] == PRIMAL_INFEASIBLE
+        if kind == "qp":
+            assert (result.status[[0, 1, 2, 3, 5, 6]] == OPTIMAL).all()
+        assert len(set(result.iterations.tolist())) > 1
+        for k in range(B):
+            alone = ipm.solve_ipm(*(t[k : k + 1] for t in data[:4]), sense)
+            assert alone.status.item() == result.status[k].item()
+            assert alone.iterations.item() == result.iterations[k].item()
+            if alone.status.item() == OPTIMAL:
+                np.testing.assert_allclose(result.x[k].numpy(), alone.x[0].numpy(),
+                                           rtol=1e-8, atol=1e-10)
+                np.testing.assert_allclose(result.mu[k].numpy(), alone.mu[0].numpy(),
+                                           rtol=1e-8, atol=1e-10)

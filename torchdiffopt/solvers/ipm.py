@@ -112,13 +112,21 @@ def _dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def _matvec(M: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """``M @ u`` for batched matrices ``M (B, r, c)`` and a few columns ``u (B, c, k)``,
-    computed as the row product ``(uᵀ Mᵀ)ᵀ`` with ``uᵀ`` contiguous. Torch's CPU batched
-    matmul runs that form 1.5–3× faster than ``M @ u`` (measured with MKL, 2 cores, k ≤ 2:
-    B = 128 with 50×50 and 100×100 blocks, B = 1024 with 60×20; even at B = 32, 10×10).
+    """``M @ u`` for batched matrices ``M (B, r, c)`` (or one matrix ``(1, r, c)`` shared by
+    the batch) and a few columns ``u (B, c, k)``, computed as the row product ``(uᵀ Mᵀ)ᵀ``
+    with ``uᵀ`` contiguous. Torch's CPU batched matmul runs that form 1.5–3× faster than
+    ``M @ u`` (measured with MKL, 2 cores, k ≤ 2: B = 128 with 50×50 and 100×100 blocks,
+    B = 1024 with 60×20; even at B = 32, 10×10); a shared matrix makes it one GEMM.
     ``Mᵀ`` is read in place, so a transposed view ``M = Xᵀ`` of a contiguous ``X`` costs
     no copy."""
+    if len(M) == 1 and len(u) != 1:
+        return (u.mT.contiguous() @ M[0].mT).mT
     return (u.mT.contiguous() @ M.mT).mT
+
+
+#: a shared constraint matrix's outer products a_i a_iᵀ are precomputed up to this many
+#: entries (M n²; 32 MiB in float64)
+MAX_OUTER_ENTRIES = 1 << 22
 
 
 class _Newton:
@@ -135,16 +143,24 @@ class _Newton:
         self.A = PA[:, self.n :]
 
     @classmethod
-    def factor(cls, PA, h):
+    def factor(cls, PA, h, outer=None):
         """Factor for the slack-to-dual ratios ``h (B, M)`` (zero on equality rows); returns
         the system and the mask of members whose factorization succeeded. The first attempt
         regularizes only the equality rows (δ); a member whose factorization fails is
-        retried with ρ = 1e-8, 1e-6, … on the primal block."""
+        retried with ρ = 1e-8, 1e-6, … on the primal block. ``PA`` may be one matrix
+        ``(1, n + M, n)`` for the whole batch; ``outer (M, n²)``, the rows ``vec(a_i a_iᵀ)`` of
+        that shared ``A``, then gives ``Aᵀ W A = Σ_i w_i a_i a_iᵀ`` for all members in one
+        GEMM."""
         n = PA.shape[-1]
         P, A = PA[:, :n], PA[:, n:]
         h = h.unsqueeze(-1)
         w = 1.0 / torch.where(h > 0, h, DUAL_REGULARIZATION)
-        K = torch.baddbmm(P, A.mT, w * A)
+        if outer is not None:
+            K = (w.squeeze(-1) @ outer).unflatten(-1, (n, n)) + P
+        elif len(PA) == 1:
+            K = torch.baddbmm(P.expand(len(w), n, n), A.mT.expand(len(w), n, -1), w * A)
+        else:
+            K = torch.baddbmm(P, A.mT, w * A)
         L, info = torch.linalg.cholesky_ex(K)
         failed = info != 0
         rho = PRIMAL_REGULARIZATION
@@ -159,7 +175,8 @@ class _Newton:
         return cls(PA, h, w, L), ~failed
 
     def take(self, sel):
-        return _Newton(*(v[sel] for v in (self.PA, self.h, self.w, self.L)))
+        PA = self.PA if len(self.PA) == 1 else self.PA[sel]
+        return _Newton(PA, *(v[sel] for v in (self.h, self.w, self.L)))
 
     def apply(self, u):
         """K u, exactly (no regularization)."""
@@ -251,12 +268,19 @@ def solve_ipm(P, q, C, c0, sense, *, tol: float = 1e-10, max_iter: int = 100) ->
     perm = torch.cat([eq.nonzero(), (~eq).nonzero()]).reshape(-1)
     me = int(eq.sum())
     sign = torch.where(eq, 1.0, -sense)[perm]
-    Cp = C[:, perm]
+    # one P and C for the whole batch (decision-focused learning: only q and c0 vary) make
+    # the products GEMMs and the Newton matrices one GEMM
+    shared = B > 1 and bool((P == P[:1]).all()) and bool((C == C[:1]).all())
+    P_mat, C_mat = (P[:1], C[:1]) if shared else (P, C)
+    Cp = C_mat[:, perm]
     row_norm = _inf_norm(Cp)
     row_scale = sign / torch.where(row_norm > 0, row_norm, torch.ones_like(row_norm))
     A = row_scale.unsqueeze(-1) * Cp
     b = -row_scale * c0[:, perm]
-    PA = torch.cat([P, A], -2)
+    PA = torch.cat([P_mat, A], -2)
+    outer = None
+    if shared and M * n * n <= MAX_OUTER_ENTRIES:
+        outer = (A[0].unsqueeze(-1) * A[0].unsqueeze(-2)).flatten(1)
     norm_q, norm_b = _inf_norm(q), _inf_norm(b)
     infeasibility_tol = max(tol, INFEASIBILITY_TOL)
     n_cone = M - me + 1
@@ -265,8 +289,8 @@ def solve_ipm(P, q, C, c0, sense, *, tol: float = 1e-10, max_iter: int = 100) ->
         return torch.cat([v.new_zeros(v.shape[0], me), v], -1)
 
     # initial point: [[P, Aᵀ], [A, −H]] [x; z] = [−q; b] with H = I on inequality rows
-    newton, ok = _Newton.factor(PA, pad(torch.ones(B, M - me, dtype=f64,
-                                                               device=device)))
+    newton, ok = _Newton.factor(PA, pad(torch.ones(B, M - me, dtype=f64, device=device)),
+                                outer)
     u = newton.solve(torch.cat([-q, b], -1).unsqueeze(-1), ok).squeeze(-1)
     x, z = u[:, :n], u[:, n:].clone()
     s = pad(_shift_into_cone(-z[:, me:]))
@@ -295,10 +319,12 @@ def solve_ipm(P, q, C, c0, sense, *, tol: float = 1e-10, max_iter: int = 100) ->
 
     for it in range(max_iter + 1):
         if 4 * int(running.sum()) <= 3 * len(running):
-            (PA, q, b, norm_q, norm_b, idx, x, z, s, tau, kappa, iterations,
-             running) = _take(running, PA, q, b, norm_q, norm_b, idx, x, z, s, tau,
+            if not shared:
+                PA = PA[running]
+                A = PA[:, n:]
+            (q, b, norm_q, norm_b, idx, x, z, s, tau, kappa, iterations,
+             running) = _take(running, q, b, norm_q, norm_b, idx, x, z, s, tau,
                               kappa, iterations, running)
-            A = PA[:, n:]
             if len(idx) == 0:
                 break
         PAx = _matvec(PA, x.unsqueeze(-1)).squeeze(-1)
@@ -342,7 +368,7 @@ def solve_ipm(P, q, C, c0, sense, *, tol: float = 1e-10, max_iter: int = 100) ->
 
         # Newton system: one factorization for the predictor and the corrector
         sI, zI = s[:, me:], z[:, me:]
-        newton, ok = _Newton.factor(PA, pad(sI / zI))
+        newton, ok = _Newton.factor(PA, pad(sI / zI), outer)
         record(running & ~ok, torch.full_like(verdict, NOT_CONVERGED))
         running &= ok
         iterations += running
