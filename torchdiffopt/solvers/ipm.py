@@ -27,7 +27,8 @@ Its solutions satisfy sᵀz + τκ = 0: τ > 0 gives the optimum (x, z, s) / τ,
 certificate of primal or dual infeasibility. Starting from the point of Vandenberghe's
 CVXOPT (a least-squares solve shifted into the cone), each iteration takes a Mehrotra
 predictor-corrector step, 0.99 of the way to the boundary. Every Newton system is reduced,
-by eliminating Δs and Δκ and solving for two right-hand sides to recover Δτ, to the
+by eliminating Δs and Δκ and recovering Δτ from K⁻¹[−q; b] (solved once per iteration and
+shared by the predictor and the corrector) and K⁻¹ of the step's own right-hand side, to the
 quasi-definite system [[P, Aᵀ], [A, −H]] with H = diag(s/z) (zero on equality rows). It
 reduces to the positive semidefinite matrix P + Aᵀ H⁻¹ A, with δ in place of H's zeros on
 equality rows, factored by one batched Cholesky; a member whose factorization fails is
@@ -373,11 +374,13 @@ def solve_ipm(P, q, C, c0, sense, *, tol: float = 1e-10, max_iter: int = 100) ->
         running &= ok
         iterations += running
         q_xi = q + 2.0 * Px / tau.unsqueeze(-1)
-        rhs_tau = torch.cat([-q, b], -1)
+        # K⁻¹[−q; b], the part in Δτ, serves both steps: solved (and refined) once
+        sol_tau = newton.solve(torch.cat([-q, b], -1).unsqueeze(-1), running)
 
         def direction(sol, d_tau, d_s, d_kappa):
-            """The step from ``sol``: K⁻¹[−q; b] (the part in Δτ) and K⁻¹ of the rest."""
-            (x2, x1), (z2, z1) = sol[:, :n].unbind(-1), sol[:, n:].unbind(-1)
+            """The step from ``sol``, K⁻¹ of the right-hand side without the part in Δτ."""
+            x2, z2 = sol_tau[:, :n, 0], sol_tau[:, n:, 0]
+            x1, z1 = sol[:, :n, 0], sol[:, n:, 0]
             dtau = (-d_tau + d_kappa / tau - _dot(q_xi, x1) - _dot(b, z1)) / (
                 _dot(q_xi, x2) + _dot(b, z2) - xPx / t2 - kappa / tau)
             dx = x1 + dtau.unsqueeze(-1) * x2
@@ -392,8 +395,7 @@ def solve_ipm(P, q, C, c0, sense, *, tol: float = 1e-10, max_iter: int = 100) ->
 
         # predictor (affine step); it only sets σ and the second-order term: no refinement
         mu = (sz + tau * kappa) / n_cone
-        sol = newton.regularized_solve(
-            torch.stack([rhs_tau, torch.cat([-r1, -r2 + pad(sI)], -1)], -1))
+        sol = newton.regularized_solve(torch.cat([-r1, -r2 + pad(sI)], -1).unsqueeze(-1))
         _, dz_a, ds_a, dtau_a, dkappa_a = direction(sol, r3, sI * zI, tau * kappa)
         sigma = (1.0 - max_step(dz_a, ds_a, dtau_a, dkappa_a)) ** 3
 
@@ -402,8 +404,7 @@ def solve_ipm(P, q, C, c0, sense, *, tol: float = 1e-10, max_iter: int = 100) ->
         d_s = sI * zI + ds_a * dz_a[:, me:] - (sigma * mu).unsqueeze(-1)
         d_kappa = tau * kappa + dtau_a * dkappa_a - sigma * mu
         sol = newton.solve(
-            torch.stack([rhs_tau, torch.cat([-keep * r1, -keep * r2 + pad(d_s / zI)], -1)], -1),
-            running)
+            torch.cat([-keep * r1, -keep * r2 + pad(d_s / zI)], -1).unsqueeze(-1), running)
         dx, dz, ds, dtau, dkappa = direction(sol, keep.squeeze(-1) * r3, d_s, d_kappa)
         alpha = torch.clamp(STEP_FRACTION * max_step(dz, ds, dtau, dkappa), max=1.0)
         alpha = torch.where(running, alpha, torch.zeros_like(alpha))
