@@ -170,5 +170,7 @@ def test_kkt_pseudo_inverse_shortcut_equals_the_full_one():
         Ks.append(torch.cat((torch.cat((P, G.T), 1), torch.cat((G, D), 1)), 0))
     Ks = torch.stack(Ks)
     expected = torch.linalg.pinv(Ks, hermitian=True)
-    got = _kkt_pseudo_inverse(Ks, n, 1e3 * torch.finfo(torch.float64).eps * (n + k))
-    assert (got - expected).abs().max() < 1e-10
+    rtol = 1e3 * torch.finfo(torch.float64).eps * (n + k)
+    assert (_kkt_pseudo_inverse(Ks, n, rtol) - expected).abs().max() < 1e-10
+    # a batch of P = γI members only
+    assert (_kkt_pseudo_inverse(Ks[:4], n, rtol) - expected[:4]).abs().max() < 1e-10

@@ -70,12 +70,19 @@ def _kkt_pseudo_inverse(K: torch.Tensor, n: int, rtol: float) -> torch.Tensor:
     gamma = P[:, 0, 0] if n else P.new_zeros(len(P))
     scalar = (P == gamma[:, None, None] * torch.eye(n, dtype=K.dtype, device=K.device))
     scalar = scalar.all(-1).all(-1) & (gamma >= 0)
+    if bool(scalar.all()):
+        return _scalar_kkt_pseudo_inverse(K, n, gamma, rtol)
     if not bool(scalar.any()):
         return symmetric_pseudo_inverse(K, rtol)
     out = torch.empty_like(K)
-    if not bool(scalar.all()):
-        out[~scalar] = symmetric_pseudo_inverse(K[~scalar], rtol)
-    G, D, g = K[scalar, n:, :n], K[scalar, n:, n:], gamma[scalar, None, None]
+    out[~scalar] = symmetric_pseudo_inverse(K[~scalar], rtol)
+    out[scalar] = _scalar_kkt_pseudo_inverse(K[scalar], n, gamma[scalar], rtol)
+    return out
+
+
+def _scalar_kkt_pseudo_inverse(K, n, gamma, rtol):
+    """The ``P = γI`` case of :func:`_kkt_pseudo_inverse` for every member of ``K``."""
+    G, D, g = K[:, n:, :n], K[:, n:, n:], gamma[:, None, None]
     U, sigma, Vh = torch.linalg.svd(G, full_matrices=False)
     kept = sigma > rtol * sigma.amax(-1, keepdim=True).clamp_min(torch.finfo(K.dtype).tiny)
     inv_sigma = torch.where(kept, 1.0 / torch.where(kept, sigma, 1.0), 0.0)
@@ -83,13 +90,11 @@ def _kkt_pseudo_inverse(K: torch.Tensor, n: int, rtol: float) -> torch.Tensor:
     U_inv = U * inv_sigma.unsqueeze(-2)                       # U Σ⁻¹ on the kept columns
     eye = torch.eye(n, dtype=K.dtype, device=K.device)
     inv_g = torch.where(g > 0, 1.0 / torch.where(g > 0, g, 1.0), 0.0)
-    block = torch.empty_like(K[scalar])
-    block[:, :n, :n] = (eye - V @ V.transpose(-1, -2)) * inv_g
-    block[:, :n, n:] = V @ U_inv.transpose(-1, -2)
-    block[:, n:, :n] = U_inv @ V.transpose(-1, -2)
-    block[:, n:, n:] = D - g * (U_inv @ U_inv.transpose(-1, -2))
-    out[scalar] = block
-    return out
+    G_pinv = V @ U_inv.transpose(-1, -2)
+    top = torch.cat(((eye - V @ V.transpose(-1, -2)) * inv_g, G_pinv), -1)
+    bottom = torch.cat((G_pinv.transpose(-1, -2), D - g * (U_inv @ U_inv.transpose(-1, -2))),
+                       -1)
+    return torch.cat((top, bottom), -2)
 
 
 class BatchedQuadraticKKT:
