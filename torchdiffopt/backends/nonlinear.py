@@ -34,6 +34,7 @@ from torch.func import grad, jacrev
 
 from ..errors import SolverError, warn_degenerate
 from ..linalg.factorization import factorize_symmetric
+from ..nested_jvp import double_backward_jvp
 from .quadratic import ACTIVE_RTOL, WEAK_RTOL, DataCotangent, bound_rows
 
 _F64 = torch.float64
@@ -204,22 +205,14 @@ class NonlinearKKT:
         return grad_x, g, self._lagrangian(x, mu_c, theta)
 
     def _theta_jvp(self, directions: tuple):
-        """``(∂F/∂θ) dθ`` for ``F = (∇ₓL, g, L)``, by the double-backward trick (reverse mode
-        twice): forward-mode AD cannot nest, and the layer's own ``jvp`` may already run
-        inside a forward-mode level."""
+        """``(∂F/∂θ) dθ`` for ``F = (∇ₓL, g, L)``, by reverse mode twice
+        (:func:`~torchdiffopt.nested_jvp.double_backward_jvp`): the layer's own ``jvp`` may
+        already run inside a forward-mode level."""
         if not self.theta:
             return np.zeros(self.n), np.zeros(self.m), 0.0
-        theta = tuple(t.detach().requires_grad_(True) for t in self.theta)
-        with torch.enable_grad():
-            outs = self._F_theta(theta)
-            flat = torch.cat([o.reshape(-1) for o in outs])
-            dummy = torch.zeros_like(flat, requires_grad=True)
-            vjps = torch.autograd.grad(flat, theta, dummy, create_graph=True, allow_unused=True)
-            inner = sum(((g * d).sum() for g, d in zip(vjps, directions) if g is not None),
-                        dummy.new_zeros(()))
-            jv = (torch.autograd.grad(inner, dummy, allow_unused=True)[0]
-                  if inner.requires_grad else None)
-        jv = np.zeros(flat.numel()) if jv is None else jv.detach().numpy()
+        _, tangents = double_backward_jvp(lambda *theta: self._F_theta(theta), self.theta,
+                                          directions)
+        jv = torch.cat([t.reshape(-1) for t in tangents]).numpy()
         return jv[: self.n].copy(), jv[self.n: self.n + self.m].copy(), float(jv[-1])
 
     def _solve(self, rhs_x: np.ndarray, rhs_rows: np.ndarray) -> tuple:

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from ..nested_jvp import double_backward_jvp
+
 #: row sense codes: ``lhs - rhs`` in {0}, [0, ∞) or (-∞, 0]
 SENSE_CODES = {"==": 0, ">=": 1, "<=": -1}
 #: sense code of the rows of a cone constraint (:mod:`torchdiffopt.modeling.sets`)
@@ -65,23 +67,11 @@ class DataForm(ModelLayout):
         on θ. By forward-mode AD (dual numbers), or with ``nestable=True`` by the
         double-backward trick (reverse mode twice, about twice the cost), which also runs
         inside an active forward-mode level (a layer's ``jvp``), where forward AD cannot nest."""
-        if not nestable:
-            with fwAD.dual_level():
-                duals = tuple(fwAD.make_dual(t, d) for t, d in zip(theta, directions))
-                values = self.data_values(*duals)
-                tangents = [fwAD.unpack_dual(v).tangent for v in values]
-        else:
-            theta = tuple(t.detach().requires_grad_(True) for t in theta)
-            with torch.enable_grad():
-                values = self.data_values(*theta)
-                live = [v for v in values if v.requires_grad]
-                dummies = [torch.zeros_like(v, requires_grad=True) for v in live]
-                vjps = torch.autograd.grad(live, theta, dummies, create_graph=True,
-                                           allow_unused=True) if live else ()
-                inner = sum(((g * d).sum() for g, d in zip(vjps, directions) if g is not None),
-                            torch.zeros((), dtype=values[0].dtype))
-                jvps = iter(torch.autograd.grad(inner, dummies, allow_unused=True)
-                            if inner.requires_grad else [None] * len(live))
-            tangents = [next(jvps) if v.requires_grad else None for v in values]
+        if nestable:
+            return double_backward_jvp(self.data_values, theta, directions)[1]
+        with fwAD.dual_level():
+            duals = tuple(fwAD.make_dual(t, d) for t, d in zip(theta, directions))
+            values = self.data_values(*duals)
+            tangents = [fwAD.unpack_dual(v).tangent for v in values]
         return tuple((torch.zeros_like(v) if t is None else t).detach()
                      for v, t in zip(values, tangents))
