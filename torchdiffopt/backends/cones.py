@@ -143,8 +143,11 @@ class _Group:
     names: tuple = ()  # for messages: ("q[0]", "q[2]", …)
 
 
-def _groups(dims: ConeDims, dual: bool) -> list[_Group]:
-    """The product cone (or its dual) as groups of same-kind cones, with their rows."""
+@lru_cache(maxsize=128)
+def _groups(dims: ConeDims, dual: bool) -> tuple[_Group, ...]:
+    """The product cone (or its dual) as groups of same-kind cones, with their rows. Cached:
+    every projection and derivative asks again for the same cones (W4: 386 calls per layer
+    call, 34 of 300 ms under cProfile before the cache); read-only."""
     groups, off = [], 0
 
     def take(n):
@@ -177,7 +180,7 @@ def _groups(dims: ConeDims, dual: bool) -> list[_Group]:
         groups.append(_Group("pow", take(3 * len(alpha)).reshape(-1, 3),
                              -alpha if dual else alpha,
                              tuple(f"p[{i}]" for i in range(len(alpha)))))
-    return groups
+    return tuple(groups)
 
 
 # --------------------------------------------------------------------------- svec / smat
