@@ -184,7 +184,7 @@ def test_missing_clarabel_says_how_to_install_it(monkeypatch):
         tdo.functional.conic(one, one[0], one[0], {"l": 1}, solver="clarabel")
 
 
-@pytest.mark.parametrize("solver", ["highs", "scs", pytest.param(
+@pytest.mark.parametrize("solver", ["highs", "scs", "daqp", pytest.param(
     "clarabel", marks=pytest.mark.skipif(not HAS_CLARABEL, reason="clarabel not installed"))])
 def test_infeasible_and_unbounded_qp_per_solver(solver):
     m = tdo.Model(solver=solver)

@@ -90,7 +90,8 @@ def test_bad_inputs():
     assert torch.isnan(x[1]).all() and torch.isfinite(x[0]).all()
 
 
-@pytest.mark.parametrize("B, solver", [(4, "auto"), (40, "auto"), (40, "ipm"), (4, "qpth")])
+@pytest.mark.parametrize("B, solver", [(4, "auto"), (40, "auto"), (40, "ipm"), (40, "daqp"),
+                                       (4, "highs"), (4, "qpth")])
 def test_convexity_is_judged_per_member(B, solver):
     """Eigenvalues set by construction, P = V diag(λ) Vᵀ: an indefinite member fails as
     nonconvex and loses nothing else; a singular PSD one (λ_min = 0, or -1e-13 ‖P‖ from

@@ -24,7 +24,7 @@ def layer_problem(kind, seed, solver="highs", batch=3, maximize=False):
     return prob, layer, inputs
 
 
-@pytest.mark.parametrize("solver", ["highs", "ipm"])
+@pytest.mark.parametrize("solver", ["highs", "ipm", "daqp"])
 @pytest.mark.parametrize("kind", ["lp", "qp", "psd"])
 def test_gradcheck_every_output_kind(kind, solver):
     prob, layer, inputs = layer_problem(kind, seed=1, solver=solver)
@@ -102,7 +102,7 @@ def test_float32_follows_inputs():
     assert x32[1].grad.dtype == torch.float32
 
 
-@pytest.mark.parametrize("solver", ["scs", "qpth", "ipm"])
+@pytest.mark.parametrize("solver", ["scs", "qpth", "ipm", "daqp"])
 def test_other_solvers_agree_with_highs(solver):
     _, layer_h, inputs = layer_problem("qp", seed=6)
     _, layer_s, _ = layer_problem("qp", seed=6, solver=solver)
@@ -127,7 +127,7 @@ def infeasible_batch_layer(on_failure, solver="highs"):
     return tdo.Layer(m, parameters=[lo, hi], outputs=x, on_failure=on_failure)
 
 
-@pytest.mark.parametrize("solver", ["highs", "ipm"])
+@pytest.mark.parametrize("solver", ["highs", "ipm", "daqp"])
 def test_infeasible_member_raises_with_its_index(solver):
     layer = infeasible_batch_layer("raise", solver)
     lo = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 0.0]], dtype=F64)

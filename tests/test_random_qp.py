@@ -12,7 +12,7 @@ import pytest
 from problems import random_qp
 
 CASES = [(kind, maximize, seed) for seed in range(4) for kind in ("lp", "qp", "psd")
-         for maximize in (False, True)]  # 24 problems per solver
+         for maximize in (False, True)]  # 24 problems per solver (HiGHS, SCS, DAQP)
 
 
 def direction(problem, rng, kind):
@@ -50,7 +50,7 @@ def reverse(problem, w):
     return {p: np.asarray(m.get_reverse_parameter(p)) for p in problem.params}
 
 
-@pytest.mark.parametrize("solver", ["highs", "scs"])
+@pytest.mark.parametrize("solver", ["highs", "scs", "daqp"])
 @pytest.mark.parametrize("kind,maximize,seed", CASES)
 def test_derivatives_match_finite_differences_and_adjoint(kind, maximize, seed, solver):
     rng = np.random.default_rng(100 + seed)

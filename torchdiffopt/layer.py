@@ -53,10 +53,10 @@ class Layer(torch.nn.Module):
             several a tuple.
         solver: ``None`` for the model's. For the quadratic backend ``"highs"``, ``"scs"``,
             ``"qpth"`` (batched, CPU or CUDA, strictly convex QPs), ``"ipm"`` (this package's
-            batched interior point in torch, CPU or CUDA, LPs too) or ``"auto"`` (the IPM for
-            batches of 32 members or more held densely, and on CUDA; HiGHS member by
-            member for smaller batches; HiGHS/SCS for problems too large to hold densely;
-            under ``vmap`` the folded batch counts); for the conic backend ``"scs"`` (also
+            batched interior point in torch, CPU or CUDA, LPs too), ``"daqp"`` (DAQP's dual
+            active set in C, member by member in ``n_jobs`` threads, LPs too) or ``"auto"``
+            (for problems held densely, DAQP on the CPU and the IPM on CUDA; HiGHS/SCS for
+            problems too large to hold densely); for the conic backend ``"scs"`` (also
             ``"auto"``) or ``"clarabel"`` (which makes ``backend=None`` pick the conic backend
             for LPs and QPs too); the nonlinear backend uses SLSQP.
         backend: ``"quadratic"``, ``"nonlinear"``, ``"conic"`` or ``None`` (the model's:
@@ -83,9 +83,10 @@ class Layer(torch.nn.Module):
         if on_failure not in ("raise", "nan"):
             raise ValueError("on_failure must be 'raise' or 'nan'")
         solver = model.solver if solver is None else solver
-        if solver not in (None, "auto", "highs", "scs", "qpth", "ipm", "slsqp", "clarabel"):
+        if solver not in (None, "auto", "highs", "scs", "qpth", "ipm", "daqp", "slsqp",
+                          "clarabel"):
             raise ValueError(f"unknown solver {solver!r}; available: 'highs', 'scs', 'qpth', "
-                             "'ipm', 'slsqp', 'clarabel', 'auto'")
+                             "'ipm', 'daqp', 'slsqp', 'clarabel', 'auto'")
         self.model = model
         self.parameters_in = list(parameters)
         for p in self.parameters_in:

@@ -31,15 +31,11 @@ from .errors import (InfeasibleError, NonconvexError, SolverError, UnboundedErro
 from .linalg.factorization import DENSE_MAX_ORDER
 from .solvers import NumericQP, qp_solver, solve_highs, solve_scs
 from .solvers.batch import record_outcomes, solve_each, solve_qpth
-from .solvers.ipm import DUAL_INFEASIBLE, NOT_CONVERGED, OPTIMAL, PRIMAL_INFEASIBLE, solve_ipm
+from .solvers.daqp import solve_daqp
+from .solvers.ipm import DUAL_INFEASIBLE, OPTIMAL, PRIMAL_INFEASIBLE, solve_ipm
 
 #: largest relative KKT residual accepted from a solver
 KKT_TOLERANCE = 1e-6
-#: ``solver="auto"`` solves a dense CPU batch of at least this many members with the batched
-#: interior point (:mod:`~torchdiffopt.solvers.ipm`) and smaller ones member by member with
-#: HiGHS. Measured on benchmark W1 (2 cores): one member takes HiGHS 5–27 ms and the IPM
-#: 23–40 ms (n = 10…100); from 32 members on the IPM is faster at every size.
-IPM_MIN_BATCH = 32
 _F64 = torch.float64
 
 
@@ -269,13 +265,13 @@ def _solve_dense(call: SolveCall, P_vals, q, r, C_vals, c0):
         eye = torch.eye(n, dtype=q.dtype, device=q.device)
         x, mu_all, hint = _qpth(st, torch.where(valid.reshape(B, 1, 1), P, eye),
                                 torch.where(valid.reshape(B, 1), q, 0.0), C, c0)
-    elif solver == "ipm" or (solver in (None, "auto")
-                             and (B >= IPM_MIN_BATCH or q.device.type != "cpu")):
-        x, mu_all, hint, codes = _ipm(st, torch.where(valid.reshape(B, 1, 1), P, 0.0),
-                                      torch.where(valid.reshape(B, 1), q, 0.0), C, c0)
+    elif _batch_solver(solver, q.device) is not None:
+        name = _batch_solver(solver, q.device)
+        x, mu_all, hint, codes = _solve_batched(
+            name, st, torch.where(valid.reshape(B, 1, 1), P, 0.0),
+            torch.where(valid.reshape(B, 1), q, 0.0), C, c0)
         for b in torch.nonzero(valid & (codes != OPTIMAL)).flatten().tolist():
-            code = int(codes[b])
-            status[b], errors[b] = _IPM_FAILURES[code]
+            status[b], errors[b] = _batch_failure(name, int(codes[b]))
         valid = valid & (codes == OPTIMAL)
         x = torch.where(valid.reshape(B, 1), x, 0.0)
         mu_all = torch.where(valid.reshape(B, 1), mu_all, 0.0)
@@ -285,11 +281,11 @@ def _solve_dense(call: SolveCall, P_vals, q, r, C_vals, c0):
     kkt = BatchedQuadraticKKT(P, q, C, c0, st.sense, st.lb, st.ub, x, mu_all, valid, hint)
 
     bad = valid & (kkt.kkt_residual > KKT_TOLERANCE)
-    if solver in (None, "auto", "highs", "ipm"):
+    if solver in _RETRIED_WITH_SCS:
         # members the solver gave up on (not proved infeasible or unbounded) get SCS too
         gave_up = torch.tensor([s == "solver_error" for s in status], device=q.device)
         bad = bad | (finite & convex & gave_up)
-    if bad.any() and solver in (None, "auto", "highs", "ipm"):
+    if bad.any() and solver in _RETRIED_WITH_SCS:
         # HiGHS's QP solver can call a QP unbounded along a flat direction "optimal", and an
         # interior point's active set can be misread at a nearly degenerate point; SCS,
         # which detects unboundedness, decides those members
@@ -354,20 +350,44 @@ def _qpth(st, P, q, C, c0):
     return solve_qpth(P, q, *with_bound_rows(C, c0, st.sense, st.lb, st.ub))
 
 
-_IPM_FAILURES = {
-    PRIMAL_INFEASIBLE: ("infeasible", InfeasibleError(
-        "infeasible: the interior-point method found a certificate of infeasibility")),
-    DUAL_INFEASIBLE: ("unbounded", UnboundedError(
-        "unbounded: the interior-point method found a direction of unbounded descent")),
-    NOT_CONVERGED: ("solver_error", SolverError(
-        "the interior-point method did not converge (iteration limit or numerical failure)")),
-}
+#: solvers whose unsolved members (not proved infeasible or unbounded), and members whose
+#: point fails the KKT check, are solved once more with SCS
+_RETRIED_WITH_SCS = (None, "auto", "highs", "ipm", "daqp")
+
+#: what each batched solver's failure statuses mean to the caller
+_BATCH_SOLVER_NAMES = {"ipm": "the interior-point method", "daqp": "DAQP"}
 
 
-def _ipm(st, P, q, C, c0):
-    """The batched torch interior point (:mod:`torchdiffopt.solvers.ipm`) on the device."""
+def _batch_solver(solver, device) -> str | None:
+    """The batched dense solver for ``solver`` on ``device``: ``"ipm"`` (this package's
+    torch interior point) or ``"daqp"`` (DAQP member by member, in C), or None for a
+    per-instance CPU solver (HiGHS, SCS). ``"auto"`` takes DAQP on the CPU and the interior
+    point on an accelerator, where DAQP would need a copy to the host and back."""
+    if solver in (None, "auto"):
+        return "daqp" if device.type == "cpu" else "ipm"
+    return solver if solver in _BATCH_SOLVER_NAMES else None
+
+
+def _batch_failure(name: str, code: int) -> tuple[str, Exception]:
+    who = _BATCH_SOLVER_NAMES[name]
+    if code == PRIMAL_INFEASIBLE:
+        return "infeasible", InfeasibleError(f"infeasible: {who} proved the constraints "
+                                             "inconsistent")
+    if code == DUAL_INFEASIBLE:
+        return "unbounded", UnboundedError(f"unbounded: {who} found a direction of "
+                                           "unbounded descent")
+    return "solver_error", SolverError(f"{who} did not converge (iteration limit, cycling or "
+                                       "numerical failure)")
+
+
+def _solve_batched(name, st, P, q, C, c0):
+    """A batched dense solver (``"ipm"`` on the device, ``"daqp"`` on the CPU) on all rows,
+    constraint rows and bound rows; returns ``(x, μ, active, status codes)``."""
     C_all, c0_all, sense_all = with_bound_rows(C, c0, st.sense, st.lb, st.ub)
-    result = solve_ipm(P, q, C_all, c0_all, sense_all)
+    if name == "daqp":
+        result = solve_daqp(P, q, C_all, c0_all, sense_all, n_jobs=st.n_jobs)
+    else:
+        result = solve_ipm(P, q, C_all, c0_all, sense_all)
     return result.x, result.mu, result.active, result.status
 
 

@@ -5,12 +5,13 @@
 
 from .clarabel_conic import require_clarabel, solve_clarabel_conic
 from .cone_program import ConicSolution
+from .daqp import solve_daqp_qp
 from .highs import solve_highs
 from .scs import solve_scs
 from .scs_conic import solve_scs_conic
 from .solution import NumericQP, Solution
 
-QP_SOLVERS = {"highs": solve_highs, "scs": solve_scs}
+QP_SOLVERS = {"highs": solve_highs, "scs": solve_scs, "daqp": solve_daqp_qp}
 CONIC_SOLVERS = {"scs": solve_scs_conic, "clarabel": solve_clarabel_conic}
 
 #: HiGHS's QP solver is an active-set method whose null space is dense (it stops past
@@ -44,4 +45,5 @@ def conic_solver(name: str | None):
 
 
 __all__ = ["ConicSolution", "NumericQP", "Solution", "conic_solver", "qp_solver",
-           "solve_clarabel_conic", "solve_highs", "solve_scs", "solve_scs_conic"]
+           "solve_clarabel_conic", "solve_daqp_qp", "solve_highs", "solve_scs",
+           "solve_scs_conic"]

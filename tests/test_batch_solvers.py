@@ -1,5 +1,7 @@
-"""The batched interior point of :mod:`torchdiffopt.solvers.ipm`: known solutions, HiGHS,
-infeasibility and unboundedness per member, float32, CUDA.
+"""The dense batch solvers, the torch interior point of :mod:`torchdiffopt.solvers.ipm` and
+DAQP through :mod:`torchdiffopt.solvers.daqp`: known solutions, HiGHS, infeasibility and
+unboundedness per member, float32, CUDA. Both return the same :class:`IPMResult`, in the same
+multiplier convention, so most tests run on both.
 
 Problems with a known solution pick x*, the active set and multipliers of the right signs
 first, then set the data so that the KKT conditions hold there (as in ``problems.py``): the
@@ -13,11 +15,24 @@ import scipy.sparse as sp
 import torch
 
 from torchdiffopt.errors import UnboundedError
+from torchdiffopt.solvers.daqp import solve_daqp
 from torchdiffopt.solvers.highs import solve_highs
 from torchdiffopt.solvers.ipm import solve_ipm
 from torchdiffopt.solvers.solution import NumericQP
 
 OPTIMAL, PRIMAL_INFEASIBLE, DUAL_INFEASIBLE, NOT_CONVERGED = 0, 1, 2, 3
+
+#: both dense batch solvers, for the tests of what they share
+BOTH = pytest.mark.parametrize("solve", [solve_ipm, solve_daqp], ids=["ipm", "daqp"])
+
+
+def lp_dual_tol(solve, kind, tol):
+    """DAQP solves LPs by proximal-point iterations: the vertex comes out exact, its
+    multipliers (and so the stationarity residual) only to about 1e-5; the KKT polish of the
+    layers (:class:`~torchdiffopt.backends.batched_quadratic.BatchedQuadraticKKT`) makes
+    them exact on the vertex's active set, which ``test_daqp_lp_multipliers_exact_after_polish``
+    checks."""
+    return 1e-4 if solve is solve_daqp and kind == "lp" else tol
 
 
 def known_batch(rng, B, n, m_eq, m_ge, m_le, kind="qp"):
@@ -98,18 +113,36 @@ def highs_reference(P, q, C, c0, sense):
     return np.array(xs), np.array(mus)
 
 
+@BOTH
 @pytest.mark.parametrize("kind", ["qp", "lp", "psd"])
-def test_known_solutions_with_equalities_and_both_inequality_senses(kind):
+def test_known_solutions_with_equalities_and_both_inequality_senses(kind, solve):
     rng = np.random.default_rng({"qp": 0, "lp": 1, "psd": 2}[kind])
     data, x_star, mu_star, active = known_batch(rng, 64, 8, 2, 5, 5, kind)
-    result = solve_ipm(*data)
+    result = solve(*data)
     assert (result.status == OPTIMAL).all()
-    assert_kkt(data, result)
+    assert_kkt(data, result, tol=lp_dual_tol(solve, kind, 1e-9))
     np.testing.assert_allclose(result.x.numpy(), x_star, atol=1e-6)
-    np.testing.assert_allclose(result.mu.numpy(), mu_star, atol=1e-5)
+    np.testing.assert_allclose(result.mu.numpy(), mu_star, atol=lp_dual_tol(solve, kind, 1e-5))
     np.testing.assert_array_equal(result.active.numpy(), active)
     assert result.x.dtype == torch.float64 and result.status.dtype == torch.int64
     assert (result.iterations > 0).all() and (result.iterations < 30).all()
+
+
+def test_daqp_lp_multipliers_exact_after_polish():
+    """The layer's path: DAQP's LP vertex and multipliers, polished on the vertex's active
+    set by the KKT factorization, match the constructed x*, μ* to rounding."""
+    from torchdiffopt.backends.batched_quadratic import BatchedQuadraticKKT
+
+    rng = np.random.default_rng(1)
+    (P, q, C, c0, sense), x_star, mu_star, _ = known_batch(rng, 64, 8, 2, 5, 5, "lp")
+    result = solve_daqp(P, q, C, c0, sense)
+    n = q.shape[1]
+    kkt = BatchedQuadraticKKT(P, q, C, c0, sense.numpy(), np.full(n, -np.inf),
+                              np.full(n, np.inf), result.x, result.mu,
+                              result.status == OPTIMAL, result.active)
+    np.testing.assert_allclose(kkt.x.numpy(), x_star, atol=1e-10)
+    np.testing.assert_allclose(kkt.mu.numpy(), mu_star, atol=1e-10)
+    assert (kkt.kkt_residual < 1e-12).all()
 
 
 def test_tighter_tolerance_gives_a_more_accurate_solution():
@@ -124,8 +157,9 @@ def test_tighter_tolerance_gives_a_more_accurate_solution():
     assert errors[2] < 1e-10
 
 
+@BOTH
 @pytest.mark.parametrize("kind", ["qp", "lp"])
-def test_random_problems_match_highs(kind):
+def test_random_problems_match_highs(kind, solve):
     # generic data, solution unknown: box rows −1 ≤ x ≤ 1, ≥ rows feasible at x = 0, and
     # equality rows through a feasible point
     rng = np.random.default_rng(4 if kind == "qp" else 5)
@@ -142,15 +176,15 @@ def test_random_problems_match_highs(kind):
     P = L @ L.transpose(0, 2, 1) / n if kind == "qp" else np.zeros((B, n, n))
     q = 3.0 * rng.normal(size=(B, n))
     data = tuple(torch.tensor(a) for a in (P, q, C, c0, sense))
-    result = solve_ipm(*data)
+    result = solve(*data)
     assert (result.status == OPTIMAL).all()
-    assert_kkt(data, result)
+    assert_kkt(data, result, tol=lp_dual_tol(solve, kind, 1e-9))
     x_ref, mu_ref = highs_reference(*data)
     # HiGHS's simplex solves the LPs to rounding level; its QP solver leaves a relative
     # stationarity residual near 1e-8 (this one reaches 1e-11), hence the looser check
     atol = 1e-9 if kind == "lp" else 1e-6
     np.testing.assert_allclose(result.x.numpy(), x_ref, atol=atol)
-    np.testing.assert_allclose(result.mu.numpy(), mu_ref, atol=10 * atol)
+    np.testing.assert_allclose(result.mu.numpy(), mu_ref, atol=lp_dual_tol(solve, kind, 10 * atol))
 
 
 def mixed_batch(rng):
@@ -174,9 +208,10 @@ def mixed_batch(rng):
     return (P, q, C, c0, sense), x_star, mu_star
 
 
-def test_mixed_batch_reports_each_member_and_solves_the_feasible_ones():
+@BOTH
+def test_mixed_batch_reports_each_member_and_solves_the_feasible_ones(solve):
     data, x_star, mu_star = mixed_batch(np.random.default_rng(6))
-    result = solve_ipm(*data)
+    result = solve(*data)
     expected = [OPTIMAL, PRIMAL_INFEASIBLE, DUAL_INFEASIBLE, PRIMAL_INFEASIBLE, DUAL_INFEASIBLE,
                 PRIMAL_INFEASIBLE, OPTIMAL, OPTIMAL]
     assert result.status.tolist() == expected
@@ -190,7 +225,7 @@ def test_mixed_batch_reports_each_member_and_solves_the_feasible_ones():
     assert not result.active[~solved].any()
     # each member comes out as if it had been solved alone
     for k in range(len(expected)):
-        alone = solve_ipm(*(t[k : k + 1] for t in data[:4]), data[4])
+        alone = solve(*(t[k : k + 1] for t in data[:4]), data[4])
         assert alone.status.item() == expected[k]
         assert alone.iterations.item() == result.iterations[k].item()
         if expected[k] == OPTIMAL:
@@ -198,7 +233,8 @@ def test_mixed_batch_reports_each_member_and_solves_the_feasible_ones():
                                        atol=1e-12)
 
 
-def test_unbounded_only_where_feasible_as_highs_says():
+@BOTH
+def test_unbounded_only_where_feasible_as_highs_says(solve):
     # random LPs in 3 variables with rows ==, ≥, ≥, ≤, the second ≥ row being 0·x + c ≥ 0:
     # with c = 0.1 many are unbounded; with c = −0.1 all are infeasible, though many still
     # have a direction of unbounded descent (the solver's first verdict on them)
@@ -211,7 +247,7 @@ def test_unbounded_only_where_feasible_as_highs_says():
     q = torch.tensor(rng.normal(size=(B, n)))
     P = torch.zeros(B, n, n, dtype=torch.float64)
     c0[:, 1] = 0.1
-    feasible = solve_ipm(P, q, C, c0, sense)
+    feasible = solve(P, q, C, c0, sense)
     expected = []
     for k in range(B):
         problem = NumericQP(P=sp.csr_matrix((n, n)), q=q[k].numpy(), r=0.0,
@@ -226,7 +262,7 @@ def test_unbounded_only_where_feasible_as_highs_says():
     assert feasible.status.tolist() == expected
     assert 0 < expected.count(DUAL_INFEASIBLE) < B
     c0[:, 1] = -0.1
-    assert (solve_ipm(P, q, C, c0, sense).status == PRIMAL_INFEASIBLE).all()
+    assert (solve(P, q, C, c0, sense).status == PRIMAL_INFEASIBLE).all()
 
 
 def test_iteration_limit_is_reported_per_member():
@@ -245,21 +281,23 @@ def test_iteration_limit_is_reported_per_member():
     assert (result.iterations[kept] == full.iterations[kept]).all()
 
 
-def test_only_equality_rows_and_no_rows():
+@BOTH
+def test_only_equality_rows_and_no_rows(solve):
     rng = np.random.default_rng(7)
     (P, q, C, c0, sense), x_star, mu_star, _ = known_batch(rng, 16, 7, 3, 0, 0, "qp")
-    result = solve_ipm(P, q, C, c0, sense)
+    result = solve(P, q, C, c0, sense)
     np.testing.assert_allclose(result.x.numpy(), x_star, atol=1e-9)
     np.testing.assert_allclose(result.mu.numpy(), mu_star, atol=1e-9)
     assert result.active.all()
     # unconstrained: x = −P⁻¹q
-    free = solve_ipm(P, q, C[:, :0], c0[:, :0], sense[:0])
+    free = solve(P, q, C[:, :0], c0[:, :0], sense[:0])
     assert (free.status == OPTIMAL).all() and free.mu.shape == (16, 0)
     np.testing.assert_allclose(free.x.numpy(), -np.linalg.solve(P.numpy(), q.numpy()),
                                atol=1e-9)
 
 
-def test_badly_scaled_rows_and_redundant_equalities():
+@BOTH
+def test_badly_scaled_rows_and_redundant_equalities(solve):
     rng = np.random.default_rng(8)
     data, x_star, mu_star, _ = known_batch(rng, 16, 8, 2, 5, 5, "qp")
     P, q, C, c0, sense = data
@@ -269,33 +307,36 @@ def test_badly_scaled_rows_and_redundant_equalities():
     C = torch.cat([C[:, :2], C[:, :1] + C[:, 1:2], C[:, 2:]], 1)
     c0 = torch.cat([c0[:, :2], c0[:, :1] + c0[:, 1:2], c0[:, 2:]], 1)
     sense = torch.cat([sense[:2], sense[:1], sense[2:]])
-    result = solve_ipm(P, q, C, c0, sense)
+    result = solve(P, q, C, c0, sense)
     assert (result.status == OPTIMAL).all()
     assert_kkt((P, q, C, c0, sense), result)
     np.testing.assert_allclose(result.x.numpy(), x_star, atol=1e-6)
 
 
-def test_float32_in_float32_out():
+@BOTH
+def test_float32_in_float32_out(solve):
     rng = np.random.default_rng(9)
     data, x_star, mu_star, _ = known_batch(rng, 32, 8, 2, 5, 5, "qp")
     data32 = tuple(t.float() if t.is_floating_point() else t for t in data)
-    result = solve_ipm(*data32)
+    result = solve(*data32)
     assert result.x.dtype == torch.float32 and result.mu.dtype == torch.float32
     assert (result.status == OPTIMAL).all()
     # the float32 data, solved in float64, rounded once on the way out
-    exact = solve_ipm(*(t.double() if t.is_floating_point() else t for t in data32))
+    exact = solve(*(t.double() if t.is_floating_point() else t for t in data32))
     np.testing.assert_allclose(result.x.numpy(), exact.x.float().numpy(), rtol=0, atol=0)
     np.testing.assert_allclose(result.x.numpy(), x_star, atol=1e-4)
     np.testing.assert_allclose(result.mu.numpy(), mu_star, atol=1e-4)
 
 
-def test_float_sense_and_mixed_row_order():
+@BOTH
+def test_float_sense_and_mixed_row_order(solve):
     rng = np.random.default_rng(10)
     (P, q, C, c0, sense), x_star, mu_star, active = known_batch(rng, 8, 6, 2, 4, 4, "lp")
     order = torch.tensor(rng.permutation(10))
-    result = solve_ipm(P, q, C[:, order], c0[:, order], sense[order].double())
+    result = solve(P, q, C[:, order], c0[:, order], sense[order].double())
     np.testing.assert_allclose(result.x.numpy(), x_star, atol=1e-8)
-    np.testing.assert_allclose(result.mu.numpy(), mu_star[:, order], atol=1e-7)
+    np.testing.assert_allclose(result.mu.numpy(), mu_star[:, order],
+                               atol=lp_dual_tol(solve, "lp", 1e-7))
     np.testing.assert_array_equal(result.active.numpy(), active[:, order])
 
 
@@ -352,3 +393,38 @@ def test_shared_matrices_batch_equals_members_solved_alone(outer, monkeypatch):
                                            rtol=1e-8, atol=1e-10)
                 np.testing.assert_allclose(result.mu[k].numpy(), alone.mu[0].numpy(),
                                            rtol=1e-8, atol=1e-10)
+
+
+def test_daqp_threads_split_the_batch_without_changing_any_member(monkeypatch):
+    """Above MIN_THREADED_ENTRIES DAQP runs one contiguous chunk of the batch per thread;
+    every member's status, iterations and solution equal the one-thread run."""
+    import torchdiffopt.solvers.daqp as daqp_adapter
+
+    data, _, _ = mixed_batch(np.random.default_rng(6))
+    serial = solve_daqp(*data, n_jobs=1)
+    monkeypatch.setattr(daqp_adapter, "MIN_THREADED_ENTRIES", 0)
+    threaded = solve_daqp(*data, n_jobs=3)
+    assert threaded.status.tolist() == serial.status.tolist()
+    assert threaded.iterations.tolist() == serial.iterations.tolist()
+    torch.testing.assert_close(threaded.x, serial.x, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(threaded.mu, serial.mu, rtol=0, atol=0, equal_nan=True)
+
+
+def test_auto_takes_daqp_on_cpu_and_the_interior_point_on_accelerators():
+    from torchdiffopt.qp_function import _batch_solver
+
+    assert _batch_solver("auto", torch.device("cpu")) == "daqp"
+    assert _batch_solver(None, torch.device("cpu")) == "daqp"
+    assert _batch_solver("auto", torch.device("cuda")) == "ipm"
+    assert _batch_solver("ipm", torch.device("cpu")) == "ipm"
+    assert _batch_solver("highs", torch.device("cpu")) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_daqp_takes_and_returns_cuda_tensors():
+    data, _, _ = mixed_batch(np.random.default_rng(6))
+    cpu = solve_daqp(*data)
+    gpu = solve_daqp(*(t.cuda() for t in data))
+    assert gpu.x.is_cuda and gpu.status.is_cuda and gpu.active.is_cuda
+    assert gpu.status.tolist() == cpu.status.tolist()
+    torch.testing.assert_close(gpu.x.cpu(), cpu.x, equal_nan=True)
