@@ -428,3 +428,25 @@ def test_daqp_takes_and_returns_cuda_tensors():
     assert gpu.x.is_cuda and gpu.status.is_cuda and gpu.active.is_cuda
     assert gpu.status.tolist() == cpu.status.tolist()
     torch.testing.assert_close(gpu.x.cpu(), cpu.x, equal_nan=True)
+
+
+@pytest.mark.parametrize("kind", ["qp", "lp"])
+def test_daqp_simple_bounds_equal_bound_rows(kind):
+    """Variable bounds handed to DAQP as simple bounds (one multiplier per variable) give the
+    solution and the bound rows' multipliers of the same bounds written as unit rows: lower,
+    upper, both, fixed and absent bounds, active and inactive."""
+    from torchdiffopt.backends.batched_quadratic import with_bound_rows
+
+    rng = np.random.default_rng(12)
+    (P, q, C, c0, sense), _, _, _ = known_batch(rng, 16, 6, 1, 3, 3, kind)
+    lb = np.array([-0.5, -np.inf, -1.5, 0.0, -np.inf, -1.0])
+    ub = np.array([np.inf, 0.5, 1.5, 0.0, np.inf, 1.0])
+    simple = solve_daqp(P, q, C, c0, sense, lb, ub)
+    rows = solve_daqp(P, q, *with_bound_rows(C, c0, sense.numpy(), lb, ub))
+    assert simple.status.tolist() == rows.status.tolist()
+    assert (simple.status == OPTIMAL).sum() >= 8
+    ok = simple.status == OPTIMAL
+    torch.testing.assert_close(simple.x[ok], rows.x[ok], atol=1e-9, rtol=0)
+    torch.testing.assert_close(simple.mu[ok], rows.mu[ok], atol=lp_dual_tol(solve_daqp, kind, 1e-8),
+                               rtol=0)
+    assert simple.active[ok, 7:].any() and (~simple.active[ok, 7:]).any()

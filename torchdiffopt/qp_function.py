@@ -381,13 +381,14 @@ def _batch_failure(name: str, code: int) -> tuple[str, Exception]:
 
 
 def _solve_batched(name, st, P, q, C, c0):
-    """A batched dense solver (``"ipm"`` on the device, ``"daqp"`` on the CPU) on all rows,
-    constraint rows and bound rows; returns ``(x, μ, active, status codes)``."""
-    C_all, c0_all, sense_all = with_bound_rows(C, c0, st.sense, st.lb, st.ub)
+    """A batched dense solver (``"ipm"`` on the device, ``"daqp"`` on the CPU, which takes
+    the variable bounds as simple bounds); returns ``(x, μ, active, status codes)`` over the
+    constraint rows and then the bound rows."""
     if name == "daqp":
-        result = solve_daqp(P, q, C_all, c0_all, sense_all, n_jobs=st.n_jobs)
+        result = solve_daqp(P, q, C, c0, torch.as_tensor(st.sense), st.lb, st.ub,
+                            n_jobs=st.n_jobs)
     else:
-        result = solve_ipm(P, q, C_all, c0_all, sense_all)
+        result = solve_ipm(P, q, *with_bound_rows(C, c0, st.sense, st.lb, st.ub))
     return result.x, result.mu, result.active, result.status
 
 

@@ -64,32 +64,47 @@ def require_daqp():
     return daqp
 
 
-def solve_daqp(P, q, C, c0, sense, *, n_jobs: int | None = None) -> IPMResult:
+def solve_daqp(P, q, C, c0, sense, lb=None, ub=None, *,
+               n_jobs: int | None = None) -> IPMResult:
     """Solve a batch of convex QPs (LPs when P = 0) with DAQP, member by member.
 
-    ``P (B, n, n)`` symmetric positive semidefinite, ``q (B, n)``, ``C (B, M, n)``,
-    ``c0 (B, M)`` and ``sense (M,)`` (0, +1, -1, shared by the batch), on any device and in
-    any float dtype (solved in float64 on the CPU). Returns an
-    :class:`~torchdiffopt.solvers.ipm.IPMResult` in the IPM's conventions: ``x`` and the
-    multipliers ``mu`` (NaN where no solution exists), ``active`` (equality rows and rows
-    with a nonzero multiplier, at optimal members), ``status`` (0 optimal, 1 infeasible,
-    2 unbounded, 3 any other DAQP exit: cycling, iteration limit, numerical failure) and
-    DAQP's ``iterations``.
+    ``P (B, n, n)`` symmetric positive semidefinite, ``q (B, n)``, ``C (B, m, n)``,
+    ``c0 (B, m)`` and ``sense (m,)`` (0, +1, -1, shared by the batch), on any device and in
+    any float dtype (solved in float64 on the CPU). ``lb, ub (n,)`` (numpy, ±inf where
+    absent; None for none) are variable bounds shared by the batch: DAQP takes them as
+    simple bounds (one multiplier per variable, no row of ``C``), which on benchmark W5 (500
+    bounded variables) halves its time against unit rows.
+
+    Returns an :class:`~torchdiffopt.solvers.ipm.IPMResult` in the IPM's conventions over the
+    rows of ``C`` followed by the bound rows of
+    :func:`~torchdiffopt.backends.quadratic.bound_rows` (fixed, lower, upper; the rows
+    ``x_j − b_j ∈ S``): ``x`` and the multipliers ``mu`` (NaN where no solution exists),
+    ``active`` (equality rows and rows with a nonzero multiplier, at optimal members),
+    ``status`` (0 optimal, 1 infeasible, 2 unbounded, 3 any other DAQP exit: cycling,
+    iteration limit, numerical failure) and DAQP's ``iterations``.
     """
+    from ..backends.quadratic import bound_rows  # the backends import the solvers
+
     daqp = require_daqp()
     dtype, device = q.dtype, q.device
     B, n = q.shape
-    M = c0.shape[1]
     as_np = lambda t: np.ascontiguousarray(t.detach().to("cpu", torch.float64).numpy())  # noqa: E731
     P_np, q_np, C_np, c0_np = (as_np(t) for t in (P, q, C, c0))
     sense_np = np.asarray(torch.as_tensor(sense).cpu()).astype(int)
+    lb = np.full(n, -np.inf) if lb is None else np.asarray(lb, dtype=np.float64)
+    ub = np.full(n, np.inf) if ub is None else np.asarray(ub, dtype=np.float64)
+    b_cols, _, b_sense = bound_rows(lb, ub)
+    simple = n if len(b_cols) else 0  # DAQP's simple bounds cover x[:simple]
     rhs = -c0_np
-    upper = np.where(sense_np <= 0, rhs, DAQP_INF)
-    lower = np.where(sense_np >= 0, rhs, -DAQP_INF)
-    kinds = np.where(sense_np == 0, DAQP_EQUALITY, 0).astype(c_int)
+    upper = np.concatenate((np.broadcast_to(np.minimum(ub, DAQP_INF), (B, n))[:, :simple],
+                            np.where(sense_np <= 0, rhs, DAQP_INF)), 1)
+    lower = np.concatenate((np.broadcast_to(np.maximum(lb, -DAQP_INF), (B, n))[:, :simple],
+                            np.where(sense_np >= 0, rhs, -DAQP_INF)), 1)
+    kinds = np.where(np.concatenate(((lb == ub)[:simple], sense_np == 0)), DAQP_EQUALITY,
+                     0).astype(c_int)
 
     x = np.full((B, n), np.nan)
-    mu = np.full((B, M), np.nan)
+    lam = np.full((B, simple + len(sense_np)), np.nan)
     status = np.full(B, NOT_CONVERGED, dtype=np.int64)
     iterations = np.zeros(B, dtype=np.int64)
 
@@ -100,20 +115,27 @@ def solve_daqp(P, q, C, c0, sense, *, n_jobs: int | None = None) -> IPMResult:
             status[b] = _STATUS_OF_EXITFLAG.get(int(flag), NOT_CONVERGED)
             iterations[b] = info["iterations"]
             if status[b] == OPTIMAL:
-                x[b], mu[b] = xb, info["lam"]
+                x[b], lam[b] = xb, info["lam"]
             elif status[b] == NOT_CONVERGED:
                 x[b] = xb
 
     workers = min(B, n_jobs or os.cpu_count() or 1)
-    if workers <= 1 or B * n * (n + M) < MIN_THREADED_ENTRIES:
+    if workers <= 1 or B * n * (n + len(sense_np)) < MIN_THREADED_ENTRIES:
         solve_chunk(range(B))
     else:
-        bounds = np.linspace(0, B, workers + 1).astype(int)
+        cuts = np.linspace(0, B, workers + 1).astype(int)
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(solve_chunk, [range(lo, hi) for lo, hi in zip(bounds, bounds[1:])]))
+            list(pool.map(solve_chunk, [range(lo, hi) for lo, hi in zip(cuts, cuts[1:])]))
 
+    # a variable's one multiplier λ_j belongs to its upper bound row where positive, to its
+    # lower bound row where negative (the sign convention of the module docstring)
+    lam_bound = lam[:, b_cols]
+    mu_bound = np.where(b_sense > 0, np.minimum(lam_bound, 0.0),
+                        np.where(b_sense < 0, np.maximum(lam_bound, 0.0), lam_bound))
+    mu = np.concatenate((lam[:, simple:], mu_bound), 1)
     optimal = status == OPTIMAL
-    active = ((sense_np == 0) | (mu != 0)) & optimal[:, None]
+    equality = np.concatenate((sense_np, b_sense)) == 0
+    active = (equality | (mu != 0)) & optimal[:, None]
     back = lambda a, dt=dtype: torch.as_tensor(a, device=device).to(dt)  # noqa: E731
     return IPMResult(x=back(x), mu=back(mu), active=back(active, torch.bool),
                      status=back(status, torch.int64), iterations=back(iterations, torch.int64))
@@ -121,33 +143,29 @@ def solve_daqp(P, q, C, c0, sense, *, n_jobs: int | None = None) -> IPMResult:
 
 def solve_daqp_qp(problem: NumericQP) -> Solution:
     """Solve one internal QP (:class:`~torchdiffopt.solvers.solution.NumericQP`, the
-    sensitivity API's form) with DAQP on dense copies of its matrices; raise a named error
-    unless it is optimal. The variable bounds go to DAQP as simple bounds (its first ``n``
-    constraints, one multiplier per variable), so ``bound_shadow = −λ[:n]`` and
-    ``row_shadow = −λ[n:]`` (shadow prices ``∂f*/∂bound``, ``∂f*/∂rhs``)."""
-    daqp = require_daqp()
-    n = problem.n
-    rhs = -problem.c0
-    sense = problem.sense
-    lb = np.where(np.isfinite(problem.lb), problem.lb, -DAQP_INF)
-    ub = np.where(np.isfinite(problem.ub), problem.ub, DAQP_INF)
-    upper = np.concatenate((ub, np.where(sense <= 0, rhs, DAQP_INF)))
-    lower = np.concatenate((lb, np.where(sense >= 0, rhs, -DAQP_INF)))
-    kinds = np.concatenate((np.where(problem.lb == problem.ub, DAQP_EQUALITY, 0),
-                            np.where(sense == 0, DAQP_EQUALITY, 0))).astype(c_int)
-    x, _, flag, info = daqp.solve(np.ascontiguousarray(problem.P.toarray()), problem.q,
-                                  np.ascontiguousarray(problem.C.toarray()), upper, lower,
-                                  kinds, primal_tol=PRIMAL_TOL)
-    status = _STATUS_OF_EXITFLAG.get(int(flag), NOT_CONVERGED)
+    sensitivity API's form) with :func:`solve_daqp` on dense copies of its matrices; raise a
+    named error unless it is optimal. Shadow prices: ``row_shadow = −μ`` on the rows
+    (``∂f*/∂rhs``), ``bound_shadow_j = −μ`` of the active bound row of ``x_j``."""
+    from ..backends.quadratic import bound_rows
+
+    dense = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float64))[None]  # noqa: E731
+    result = solve_daqp(dense(problem.P.toarray()), dense(problem.q), dense(problem.C.toarray()),
+                        dense(problem.c0), torch.as_tensor(problem.sense.astype(np.int64)),
+                        problem.lb, problem.ub, n_jobs=1)
+    status = int(result.status[0])
     if status == PRIMAL_INFEASIBLE:
         raise InfeasibleError("infeasible: DAQP proved the constraints inconsistent")
     if status == DUAL_INFEASIBLE:
         raise UnboundedError("unbounded: DAQP found a direction of unbounded descent")
     if status != OPTIMAL:
-        raise SolverError(f"DAQP stopped without an optimal solution (exit flag {flag})")
-    lam = np.asarray(info["lam"], dtype=np.float64)
-    return Solution(x=np.asarray(x, dtype=np.float64), row_shadow=-lam[n:],
-                    bound_shadow=-lam[:n])
+        raise SolverError("DAQP stopped without an optimal solution (iteration limit, "
+                          "cycling or numerical failure)")
+    mu = result.mu[0].numpy()
+    b_cols, _, _ = bound_rows(problem.lb, problem.ub)
+    bound_shadow = np.zeros(problem.n)
+    np.add.at(bound_shadow, b_cols, -mu[problem.m:])
+    return Solution(x=result.x[0].numpy(), row_shadow=-mu[: problem.m],
+                    bound_shadow=bound_shadow)
 
 
 __all__ = ["require_daqp", "solve_daqp", "solve_daqp_qp"]
