@@ -146,21 +146,26 @@ def test_pseudo_inverse_on_coupled_rows_equals_the_full_one():
     assert (got - expected).abs().max() < 1e-12
 
 
-def test_kkt_pseudo_inverse_shortcut_equals_the_full_one():
-    """The SVD shortcut for K = [[γI, Gᵀ], [G, D]] (γ = 0: an LP, γ > 0: a ridge-smoothed
-    LP; G with dependent rows, as at a degenerate vertex; D = 1 on the zero rows of G)
-    equals torch's pseudo-inverse of the whole matrix, in a batch that also holds a QP
-    member with another P, which goes the general way."""
+def test_kkt_pseudo_inverse_shortcut_equals_the_full_one(monkeypatch):
+    """The shortcuts for K = [[γI, Gᵀ], [G, D]] (γ = 0: an LP, γ > 0: a ridge-smoothed
+    LP; G with dependent rows, as at a degenerate vertex; D = 1 on the zero rows of G) equal
+    torch's pseudo-inverse of the whole matrix, in a batch that also holds a QP member with
+    another P, which goes the general way: the SVD where G has rank < n, the normal
+    equations where G has full column rank (the LP vertex of W3)."""
+    import torchdiffopt.backends.batched_quadratic as bq
     from torchdiffopt.backends.batched_quadratic import _kkt_pseudo_inverse
 
     gen = torch.Generator().manual_seed(1)
     n, k = 5, 9
     Ks = []
-    for gamma in (0.0, 0.0, 0.2, 3.0, None):
+    svd_calls = []
+    for gamma, full_rank in ((0.0, False), (0.0, True), (0.2, False), (0.2, True),
+                             (3.0, False), (None, False)):
         G = torch.randn(k, n, dtype=torch.float64, generator=gen)
         G[-2:] = 0.0                      # two unused slots
         G[3] = G[0] + G[1]                # a dependent row
-        G[:, 0] = 0.0                     # rank < n: a null space for γI to act on
+        if not full_rank:
+            G[:, 0] = 0.0                 # rank < n: a null space for γI to act on
         D = torch.diag((G == 0).all(-1).to(torch.float64))
         if gamma is None:                 # a general PSD P of rank 1
             v = torch.randn(n, 1, dtype=torch.float64, generator=gen)
@@ -171,6 +176,13 @@ def test_kkt_pseudo_inverse_shortcut_equals_the_full_one():
     Ks = torch.stack(Ks)
     expected = torch.linalg.pinv(Ks, hermitian=True)
     rtol = 1e3 * torch.finfo(torch.float64).eps * (n + k)
+    svd = bq._svd_kkt_pseudo_inverse
+
+    def counted(G, *args):
+        svd_calls.append(len(G))
+        return svd(G, *args)
+    monkeypatch.setattr(bq, "_svd_kkt_pseudo_inverse", counted)
     assert (_kkt_pseudo_inverse(Ks, n, rtol) - expected).abs().max() < 1e-10
     # a batch of P = γI members only
-    assert (_kkt_pseudo_inverse(Ks[:4], n, rtol) - expected[:4]).abs().max() < 1e-10
+    assert (_kkt_pseudo_inverse(Ks[:5], n, rtol) - expected[:5]).abs().max() < 1e-10
+    assert svd_calls == [3, 3]            # the two full-rank members took the Cholesky
