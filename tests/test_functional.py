@@ -134,3 +134,31 @@ def test_second_derivatives_are_refused_not_wrong():
     g = lambda b_: tdo.functional.conic(A, b_, c, {"l": 2}).sum()  # noqa: E731
     with pytest.raises(NotImplementedError, match="second derivatives"):
         torch.func.hessian(g)(b)
+
+
+@pytest.mark.parametrize("with_equalities", [False, True])
+def test_forward_mode_with_a_nonsymmetric_P_tangent(with_equalities):
+    """Only the symmetric part of P enters the problem, so a tangent dP and its transpose
+    move x* alike. Forward mode (``torch.func.jvp`` and ``vmap`` over it, which act with
+    dP's symmetric part without forming it) matches central differences along a
+    nonsymmetric dP, and the tangent's transpose gives the same answer."""
+    Q, p, G, h = optnet_qp(3, 5, 7, seed=3)
+    g = torch.Generator().manual_seed(4)
+    A = torch.randn(3, 2, 5, generator=g, dtype=F64) if with_equalities else None
+    b = (A @ torch.randn(3, 5, 1, generator=g, dtype=F64)).squeeze(-1) if with_equalities \
+        else None
+
+    def f(Q, p, G, h):
+        return tdo.functional.qp(Q, p, A, b, G, h)
+    tangents = [torch.randn(t.shape, generator=g, dtype=F64) for t in (Q, p, G, h)]
+    _, jv = torch.func.jvp(f, (Q, p, G, h), tuple(tangents))
+    flipped = [tangents[0].transpose(-1, -2)] + tangents[1:]
+    _, jv_flipped = torch.func.jvp(f, (Q, p, G, h), tuple(flipped))
+    eps = 1e-6
+    plus = f(*(t + eps * v for t, v in zip((Q, p, G, h), tangents)))
+    minus = f(*(t - eps * v for t, v in zip((Q, p, G, h), tangents)))
+    torch.testing.assert_close(jv, (plus - minus) / (2 * eps), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(jv_flipped, jv, atol=1e-12, rtol=1e-10)
+    stacked = [torch.stack((v, w)) for v, w in zip(tangents, flipped)]
+    both = torch.func.vmap(lambda *v: torch.func.jvp(f, (Q, p, G, h), v)[1])(*stacked)
+    torch.testing.assert_close(both, torch.stack((jv, jv_flipped)), atol=1e-12, rtol=1e-10)

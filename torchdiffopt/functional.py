@@ -70,8 +70,11 @@ def qp(P, q, A=None, b=None, G=None, h=None, *, lb=None, ub=None, solver=None,
         t = t.to(_F64).flatten(-k) if k else t.to(_F64)
         return t.expand(B, *t.shape[-1:]) if t.dim() == 1 else t
 
-    C = torch.cat((A.to(_F64).expand(B, n_eq, n) if A.dim() == 2 else A.to(_F64),
-                   G.to(_F64).expand(B, n_in, n) if G.dim() == 2 else G.to(_F64)), dim=1)
+    blocks = [M.to(_F64).expand(B, k, n) for M, k in ((A, n_eq), (G, n_in)) if k]
+    # one block is taken as it is (no copy: its tangents are the largest arrays of a
+    # forward-mode call)
+    C = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1) if blocks else \
+        q.new_zeros(B, 0, n, dtype=_F64)
     c0 = -torch.cat((batch(b, 0), batch(h, 0)), dim=1)
     call = SolveCall(structure)
     reject_nested_derivatives()

@@ -58,14 +58,15 @@ class QPStructure:
         self._P_full = np.array_equal(self.P_rows * n + self.P_cols, np.arange(n * n))
         self._C_full = np.array_equal(self.C_rows * n + self.C_cols, np.arange(m * n))
 
-    def dense_P(self, vals: torch.Tensor) -> torch.Tensor:
+    def dense_P(self, vals: torch.Tensor, symmetric: bool = True) -> torch.Tensor:
         """``(..., nnz) → (..., n, n)``, adding repeated entries and taking the symmetric
-        part (only ``½(P + Pᵀ)`` enters ``½ xᵀPx``)."""
+        part (only ``½(P + Pᵀ)`` enters ``½ xᵀPx``); with ``symmetric=False`` the matrix as
+        stored, for a consumer that takes the symmetric part itself."""
         if not self._P_full:
             vals = vals.new_zeros(*vals.shape[:-1], self.n * self.n).index_add(
                 -1, self._P_flat.to(vals.device), vals)
         P = vals.unflatten(-1, (self.n, self.n))
-        return 0.5 * (P + P.transpose(-1, -2))
+        return 0.5 * (P + P.transpose(-1, -2)) if symmetric else P
 
     def dense_C(self, vals: torch.Tensor) -> torch.Tensor:
         if not self._C_full:
@@ -134,7 +135,8 @@ class DenseBatchKKT:
     def jvp(self, dP_vals, dq, dr, dC_vals, dc0):
         """Tangents with a direction dimension ``D`` after the batch: ``(B, D, ...)``."""
         st = self.structure
-        return self.kkt.jvp(st.dense_P(dP_vals), dq, dr, st.dense_C(dC_vals), dc0)
+        return self.kkt.jvp(st.dense_P(dP_vals, symmetric=False), dq, dr,
+                            st.dense_C(dC_vals), dc0)
 
     def vjp(self, x_bar, mu_bar, f_bar):
         st = self.structure
@@ -354,7 +356,7 @@ def _qpth(st, P, q, C, c0):
 #: point fails the KKT check, are solved once more with SCS
 _RETRIED_WITH_SCS = (None, "auto", "highs", "ipm", "daqp")
 
-#: what each batched solver's failure statuses mean to the caller
+#: the batched dense solvers, by the name their error messages give them
 _BATCH_SOLVER_NAMES = {"ipm": "the interior-point method", "daqp": "DAQP"}
 
 

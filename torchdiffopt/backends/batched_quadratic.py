@@ -246,14 +246,21 @@ class BatchedQuadraticKKT:
     def jvp(self, dP, dq, dr, dC, dc0):
         """Tangents ``(dx (B, D, n), dμ (B, D, m), df (B, D))`` for data tangents with a
         direction dimension: ``dP (B, D, n, n)``, ``dq (B, D, n)``, ``dr (B, D)``,
-        ``dC (B, D, m, n)``, ``dc0 (B, D, m)``."""
+        ``dC (B, D, m, n)``, ``dc0 (B, D, m)``.
+
+        ``dP`` need not be symmetric: only its symmetric part ``S = ½(dP + dPᵀ)`` enters,
+        applied as ``S x = ½(dP x + dPᵀ x)`` and ``xᵀ S x = xᵀ dP x``, so it is never formed.
+        The tangents are the largest arrays here (``B D n²``: 32 MB for W6's 50 directions),
+        and each of these products reads them once."""
         m = self.m
         x, mu = self.x, self.mu
         dCx = torch.einsum("bdij,bj->bdi", dC, x) + dc0
-        rhs_x = torch.einsum("bdij,bj->bdi", dP, x) + dq + torch.einsum("bdij,bi->bdj", dC, mu)
+        dPx = torch.einsum("bdij,bj->bdi", dP, x)
+        dPtx = torch.einsum("bdji,bj->bdi", dP, x)
+        rhs_x = 0.5 * (dPx + dPtx) + dq + torch.einsum("bdij,bi->bdj", dC, mu)
         pad = rhs_x.new_zeros(*rhs_x.shape[:2], self.M - m)
         z_x, z_rows = self._solve(-rhs_x, -torch.cat((dCx, pad), dim=-1))
-        df = (0.5 * torch.einsum("bi,bdij,bj->bd", x, dP, x) + torch.einsum("bdi,bi->bd", dq, x)
+        df = (0.5 * torch.einsum("bdi,bi->bd", dPx, x) + torch.einsum("bdi,bi->bd", dq, x)
               + dr + torch.einsum("bi,bdi->bd", mu, dCx))
         keep = self.valid.to(x.dtype)
         return (z_x * keep[:, None, None], z_rows[..., :m] * keep[:, None, None],

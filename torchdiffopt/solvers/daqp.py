@@ -6,9 +6,9 @@ working set, so a QP of tens to a few hundred variables is solved in microsecond
 millisecond, and the answer is exact for the active set it ends on (no interior-point
 tolerance). Singular ``P`` (LPs, ridge-free directions) are handled by DAQP's proximal-point
 outer iterations. That is the regime of optimization layers (OptNet's QPs, decision-focused
-LPs and QPs): on benchmark W1 it solves a batch of 32 QPs with 10 variables in 0.3 ms and
-128 with 100 variables in 74 ms, where this package's batched interior point
-(:mod:`~torchdiffopt.solvers.ipm`) needs 16 ms and about 500 ms on the same two cores.
+LPs and QPs): on benchmark W1, in one thread, it solves a batch of 32 QPs with 10
+variables in 0.3 ms and 128 with 100 variables in 74 ms, where this package's batched
+interior point (:mod:`~torchdiffopt.solvers.ipm`) needs 16 ms and about 500 ms on two cores.
 
 Problem, as for :func:`~torchdiffopt.solvers.ipm.solve_ipm`: for B members sharing their
 sizes and ``sense``::
