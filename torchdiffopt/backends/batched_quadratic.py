@@ -13,10 +13,11 @@ zero rows of ``S_b``, which ``K_b`` decouples with a 1 on the diagonal::
 
 A multiplier tangent is ``dμ = S_bᵀ dμ_slots``. Gathering keeps ``K_b`` of order ``n + k``
 rather than ``n + M``: on W3 (shortest path, M = 104 rows, n = 40) that is about 85 instead
-of 144. ``K_b`` is symmetric, so one batched LU (torch ``lu_factor_ex``) per solve serves
-forward mode, reverse mode, ``layer.jacobian`` and every direction. All operations on tangents and
-cotangents are plain torch ops, so ``torch.func`` transforms (vmap, jacfwd, jacrev) of them
-work.
+of 144. ``K_b`` is symmetric, so one factorization per solve
+(:class:`ActiveSetFactorization`: the Schur complement of ``P_b`` by two batched Cholesky
+factorizations where ``P_b ≻ 0``, a batched LU otherwise) serves forward mode, reverse mode,
+``layer.jacobian`` and every direction. All operations on tangents and cotangents are plain
+torch ops, so ``torch.func`` transforms (vmap, jacfwd, jacrev) of them work.
 """
 
 from __future__ import annotations
@@ -140,6 +141,72 @@ def _svd_kkt_pseudo_inverse(G, D, g, rtol):
     return torch.cat((top, bottom), -2)
 
 
+#: a Cholesky factor ``L`` is trusted for the Schur-complement solve of
+#: :class:`ActiveSetFactorization` when ``(min L_ii / max L_ii)² ≥ SCHUR_PIVOT_RTOL``
+#: (roughly, a condition number below 1e10); other members are factored by LU
+SCHUR_PIVOT_RTOL = 1e-10
+
+
+class ActiveSetFactorization:
+    """The KKT matrices ``K_b = [[P_b, G_bᵀ], [G_b, D_b]]`` of :class:`BatchedQuadraticKKT`
+    (``G_b`` the active rows in ``k`` slots, ``D_b = diag(1 − s_b)`` 1 on the unused slots),
+    factored once for many solves.
+
+    Where ``P_b ≻ 0`` and the used rows of ``G_b`` are independent, by the Schur complement
+    of ``P_b``, as OptNet's solver does: with ``P = L Lᵀ`` and ``W = L⁻¹ Gᵀ``, the complement
+    ``D − G P⁻¹ Gᵀ = Σ N`` with ``N = WᵀW + D ≻ 0`` and ``Σ = diag(+1 unused, −1 used)``
+    (``W``'s unused columns are zero, so ``N`` and ``Σ`` commute), and::
+
+        K [x; v] = [r₁; r₂]:   t = L⁻¹ r₁,   v = N⁻¹ Σ (r₂ − Wᵀ t),   x = L⁻ᵀ (t − W v).
+
+    Two batched Cholesky factorizations of orders n and k replace an LU of order n + k
+    (which on the CPU must go one matrix at a time from order 128 on, see
+    :func:`~torchdiffopt.linalg.factorization.DenseFactorization`). Other members (LPs,
+    singular ``P``, dependent active rows, poorly conditioned factors) go to
+    :class:`~torchdiffopt.linalg.factorization.DenseFactorization` with the
+    ``pseudo_inverse`` given, so ``singular`` and the minimum-norm solutions of degenerate
+    members are unchanged. ``solve`` takes ``(B, n + k, c)``."""
+
+    def __init__(self, K: torch.Tensor, n: int, used: torch.Tensor, pseudo_inverse):
+        B, N = K.shape[0], K.shape[-1]
+        self.n = n
+        eye = torch.eye(n, dtype=K.dtype, device=K.device)
+        L, info = torch.linalg.cholesky_ex(K[:, :n, :n])
+        schur = (info == 0) & _well_pivoted(L)
+        L = torch.where(schur.reshape(B, 1, 1), L, eye)   # no NaN in the products below
+        W = torch.linalg.solve_triangular(L, K[:, :n, n:], upper=False)
+        LN, info = torch.linalg.cholesky_ex(W.mT @ W + torch.diag_embed(1.0 - used))
+        schur &= (info == 0) & _well_pivoted(LN)
+        self._L, self._W, self._LN = L, W, LN
+        self._sigma = (1.0 - 2.0 * used).unsqueeze(-1)
+        self._rest = (~schur).nonzero().squeeze(-1)
+        self._dense = None
+        self.singular = torch.zeros(B, dtype=torch.bool, device=K.device)
+        if len(self._rest):
+            self._dense = DenseFactorization(K[self._rest], pseudo_inverse=pseudo_inverse)
+            self.singular[self._rest] = self._dense.singular
+
+    def solve(self, rhs: torch.Tensor) -> torch.Tensor:
+        """``K⁻¹ rhs`` (``K⁺ rhs`` where ``K`` is singular) for ``rhs (B, n + k, c)``."""
+        n = self.n
+        t = torch.linalg.solve_triangular(self._L, rhs[:, :n], upper=False)
+        v = torch.cholesky_solve(self._sigma * (rhs[:, n:] - self._W.mT @ t), self._LN)
+        x = torch.linalg.solve_triangular(self._L.mT, t - self._W @ v, upper=True)
+        z = torch.cat((x, v), dim=-2)
+        if self._dense is not None:
+            z = z.index_copy(0, self._rest, self._dense.solve(rhs[self._rest]))
+        return z
+
+
+def _well_pivoted(L: torch.Tensor) -> torch.Tensor:
+    """Members whose Cholesky factor ``L (B, r, r)`` passes the pivot test of
+    :data:`SCHUR_PIVOT_RTOL` (an empty factor passes)."""
+    d = L.diagonal(dim1=-2, dim2=-1)
+    if d.shape[-1] == 0:
+        return torch.ones(d.shape[0], dtype=torch.bool, device=L.device)
+    return (d.amin(-1) ** 2 >= SCHUR_PIVOT_RTOL * d.amax(-1) ** 2) & torch.isfinite(d).all(-1)
+
+
 class BatchedQuadraticKKT:
     """Factorized KKT systems of a batch of QPs at their solutions.
 
@@ -185,8 +252,8 @@ class BatchedQuadraticKKT:
         K[:, n:, :n] = SC
         K[:, :n, n:] = SC.transpose(1, 2)
         K[:, n:, n:] = torch.diag_embed(1.0 - used)
-        self._lu = DenseFactorization(K, pseudo_inverse=lambda Ks, rtol: _kkt_pseudo_inverse(
-            Ks, n, rtol))
+        self._lu = ActiveSetFactorization(
+            K, n, used, pseudo_inverse=lambda Ks, rtol: _kkt_pseudo_inverse(Ks, n, rtol))
         self.singular = self._lu.singular & valid
         self.n, self.m, self.M = n, m, M
 
