@@ -168,26 +168,34 @@ class ActiveSetFactorization:
     members are unchanged. ``solve`` takes ``(B, n + k, c)``."""
 
     def __init__(self, K: torch.Tensor, n: int, used: torch.Tensor, pseudo_inverse):
-        B, N = K.shape[0], K.shape[-1]
+        B = K.shape[0]
         self.n = n
-        eye = torch.eye(n, dtype=K.dtype, device=K.device)
         L, info = torch.linalg.cholesky_ex(K[:, :n, :n])
         schur = (info == 0) & _well_pivoted(L)
-        L = torch.where(schur.reshape(B, 1, 1), L, eye)   # no NaN in the products below
-        W = torch.linalg.solve_triangular(L, K[:, :n, n:], upper=False)
-        LN, info = torch.linalg.cholesky_ex(W.mT @ W + torch.diag_embed(1.0 - used))
-        schur &= (info == 0) & _well_pivoted(LN)
-        self._L, self._W, self._LN = L, W, LN
-        self._sigma = (1.0 - 2.0 * used).unsqueeze(-1)
+        self._schur = bool(schur.any())
+        if self._schur:
+            eye = torch.eye(n, dtype=K.dtype, device=K.device)
+            L = torch.where(schur.reshape(B, 1, 1), L, eye)  # no NaN in the products below
+            W = torch.linalg.solve_triangular(L, K[:, :n, n:], upper=False)
+            LN, info = torch.linalg.cholesky_ex(W.mT @ W + torch.diag_embed(1.0 - used))
+            schur &= (info == 0) & _well_pivoted(LN)
+            self._L, self._W, self._LN = L, W, LN
+            self._sigma = (1.0 - 2.0 * used).unsqueeze(-1)
         self._rest = (~schur).nonzero().squeeze(-1)
         self._dense = None
         self.singular = torch.zeros(B, dtype=torch.bool, device=K.device)
-        if len(self._rest):
+        if len(self._rest) == B:            # no member for the Schur complement (LPs)
+            self._schur = False
+            self._dense = DenseFactorization(K, pseudo_inverse=pseudo_inverse)
+            self.singular = self._dense.singular
+        elif len(self._rest):
             self._dense = DenseFactorization(K[self._rest], pseudo_inverse=pseudo_inverse)
             self.singular[self._rest] = self._dense.singular
 
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
         """``K⁻¹ rhs`` (``K⁺ rhs`` where ``K`` is singular) for ``rhs (B, n + k, c)``."""
+        if not self._schur:
+            return self._dense.solve(rhs)
         n = self.n
         t = torch.linalg.solve_triangular(self._L, rhs[:, :n], upper=False)
         v = torch.cholesky_solve(self._sigma * (rhs[:, n:] - self._W.mT @ t), self._LN)
