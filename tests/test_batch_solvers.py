@@ -450,3 +450,34 @@ def test_daqp_simple_bounds_equal_bound_rows(kind):
     torch.testing.assert_close(simple.mu[ok], rows.mu[ok], atol=lp_dual_tol(solve_daqp, kind, 1e-8),
                                rtol=0)
     assert simple.active[ok, 7:].any() and (~simple.active[ok, 7:]).any()
+
+
+def test_daqp_single_row_with_bounds_in_a_batch():
+    """One constraint row and variable bounds (a simplex projection, sparsemax): DAQP's bound
+    arrays must be C-contiguous per member (its wrapper ignores strides; a concatenation with
+    a broadcast block came out column-major and members read each other's bounds). Every
+    member equals the IPM's solution."""
+    rng = np.random.default_rng(13)
+    B, n = 8, 5
+    P = torch.eye(n, dtype=torch.float64).expand(B, n, n)
+    q = torch.tensor(rng.normal(size=(B, n)))
+    C = torch.ones(B, 1, n, dtype=torch.float64)
+    c0 = -torch.ones(B, 1, dtype=torch.float64)
+    sense = torch.tensor([0])
+    lb, ub = np.zeros(n), np.full(n, np.inf)
+    ours = solve_daqp(P, q, C, c0, sense, lb, ub)
+    from torchdiffopt.backends.batched_quadratic import with_bound_rows
+    ipm = solve_ipm(P, q, *with_bound_rows(C, c0, sense.numpy(), lb, ub))
+    assert ours.status.tolist() == [OPTIMAL] * B
+    torch.testing.assert_close(ours.x, ipm.x, atol=1e-8, rtol=0)
+    torch.testing.assert_close(ours.mu, ipm.mu, atol=1e-7, rtol=0)
+
+
+def test_daqp_leaves_members_with_non_finite_data_unsolved():
+    data, _, _ = mixed_batch(np.random.default_rng(6))
+    P, q, C, c0, sense = (t.clone() for t in data)
+    q[0, 1] = float("nan")
+    C[6, 0, 0] = float("inf")
+    result = solve_daqp(P, q, C, c0, sense)
+    assert result.status[0] == NOT_CONVERGED and result.status[6] == NOT_CONVERGED
+    assert result.x[0].isnan().all() and result.status[7] == OPTIMAL

@@ -70,7 +70,8 @@ def qp(P, q, A=None, b=None, G=None, h=None, *, lb=None, ub=None, solver=None,
         t = t.to(_F64).flatten(-k) if k else t.to(_F64)
         return t.expand(B, *t.shape[-1:]) if t.dim() == 1 else t
 
-    blocks = [M.to(_F64).expand(B, k, n) for M, k in ((A, n_eq), (G, n_in)) if k]
+    blocks = [M.to(_F64).expand(B, k, n) for M, k in ((A, n_eq), (G, n_in))
+              if k or M.requires_grad]
     # one block is taken as it is (no copy: its tangents are the largest arrays of a
     # forward-mode call)
     C = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1) if blocks else \

@@ -297,6 +297,8 @@ def _solve_dense(call: SolveCall, P_vals, q, r, C_vals, c0):
         x = torch.where(bad.reshape(B, 1), x2, x)
         mu_all = torch.where(bad.reshape(B, 1), mu2, mu_all)
         valid = torch.where(bad, valid2, valid)
+        # the retried members' active rows are SCS's, not the first solver's
+        hint = None if hint is None else hint & ~bad.reshape(B, 1)
         kkt = BatchedQuadraticKKT(P, q, C, c0, st.sense, st.lb, st.ub, x, mu_all, valid, hint)
         bad = valid & (kkt.kkt_residual > KKT_TOLERANCE)
     for b in torch.nonzero(bad).flatten().tolist():

@@ -128,7 +128,7 @@ def _svd_kkt_pseudo_inverse(G, D, g, rtol):
     values below ``rtol`` times the largest dropped."""
     n = G.shape[-1]
     U, sigma, Vh = torch.linalg.svd(G, full_matrices=False)
-    kept = sigma > rtol * sigma.amax(-1, keepdim=True).clamp_min(torch.finfo(G.dtype).tiny)
+    kept = sigma > rtol * _amax(sigma, keepdim=True).clamp_min(torch.finfo(G.dtype).tiny)
     inv_sigma = torch.where(kept, 1.0 / torch.where(kept, sigma, 1.0), 0.0)
     V = Vh.transpose(-1, -2) * kept.unsqueeze(-2)
     U_inv = U * inv_sigma.unsqueeze(-2)                       # U Σ⁻¹ on the kept columns
@@ -164,8 +164,10 @@ class ActiveSetFactorization:
     :func:`~torchdiffopt.linalg.factorization.DenseFactorization`). Other members (LPs,
     singular ``P``, dependent active rows, poorly conditioned factors) go to
     :class:`~torchdiffopt.linalg.factorization.DenseFactorization` with the
-    ``pseudo_inverse`` given, so ``singular`` and the minimum-norm solutions of degenerate
-    members are unchanged. ``solve`` takes ``(B, n + k, c)``."""
+    ``pseudo_inverse`` given, so degenerate members get the same minimum-norm solutions as
+    there. (A badly scaled member, e.g. ``P`` near 1e6 against rows near 1, that passes the
+    pivot tests is now solved accurately where LU's pivot test would have called it
+    singular.) ``solve`` takes ``(B, n + k, c)``."""
 
     def __init__(self, K: torch.Tensor, n: int, used: torch.Tensor, pseudo_inverse):
         B = K.shape[0]

@@ -81,7 +81,8 @@ def solve_daqp(P, q, C, c0, sense, lb=None, ub=None, *,
     ``x_j − b_j ∈ S``): ``x`` and the multipliers ``mu`` (NaN where no solution exists),
     ``active`` (equality rows and rows with a nonzero multiplier, at optimal members),
     ``status`` (0 optimal, 1 infeasible, 2 unbounded, 3 any other DAQP exit: cycling,
-    iteration limit, numerical failure) and DAQP's ``iterations``.
+    iteration limit, numerical failure; and non-finite data, which is not solved) and DAQP's
+    ``iterations``.
     """
     from ..backends.quadratic import bound_rows  # the backends import the solvers
 
@@ -96,10 +97,17 @@ def solve_daqp(P, q, C, c0, sense, lb=None, ub=None, *,
     b_cols, _, b_sense = bound_rows(lb, ub)
     simple = n if len(b_cols) else 0  # DAQP's simple bounds cover x[:simple]
     rhs = -c0_np
-    upper = np.concatenate((np.broadcast_to(np.minimum(ub, DAQP_INF), (B, n))[:, :simple],
-                            np.where(sense_np <= 0, rhs, DAQP_INF)), 1)
-    lower = np.concatenate((np.broadcast_to(np.maximum(lb, -DAQP_INF), (B, n))[:, :simple],
-                            np.where(sense_np >= 0, rhs, -DAQP_INF)), 1)
+    # C-contiguous rows: DAQP's wrapper reads each array from its first element and ignores
+    # strides (a concatenation with a broadcast block can come out column-major)
+    upper = np.ascontiguousarray(np.concatenate(
+        (np.broadcast_to(np.minimum(ub, DAQP_INF), (B, n))[:, :simple],
+         np.where(sense_np <= 0, rhs, DAQP_INF)), 1))
+    lower = np.ascontiguousarray(np.concatenate(
+        (np.broadcast_to(np.maximum(lb, -DAQP_INF), (B, n))[:, :simple],
+         np.where(sense_np >= 0, rhs, -DAQP_INF)), 1))
+    # DAQP reports non-finite data as solved: such members are not handed to it
+    finite = np.isfinite(P_np).all((1, 2)) & np.isfinite(q_np).all(1) & \
+        np.isfinite(C_np).all((1, 2)) & np.isfinite(c0_np).all(1)
     kinds = np.where(np.concatenate(((lb == ub)[:simple], sense_np == 0)), DAQP_EQUALITY,
                      0).astype(c_int)
 
@@ -109,7 +117,7 @@ def solve_daqp(P, q, C, c0, sense, lb=None, ub=None, *,
     iterations = np.zeros(B, dtype=np.int64)
 
     def solve_chunk(members: range) -> None:
-        for b in members:
+        for b in (b for b in members if finite[b]):
             xb, _, flag, info = daqp.solve(P_np[b], q_np[b], C_np[b], upper[b], lower[b],
                                            kinds, primal_tol=PRIMAL_TOL)
             status[b] = _STATUS_OF_EXITFLAG.get(int(flag), NOT_CONVERGED)
