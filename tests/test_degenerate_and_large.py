@@ -234,3 +234,9 @@ def test_active_set_factorization_schur_members_and_the_rest():
     rhs = torch.randn(len(K), n + k, 3, dtype=torch.float64, generator=gen)
     expected = torch.linalg.pinv(K, hermitian=True, rtol=rtol) @ rhs
     torch.testing.assert_close(factor.solve(rhs), expected, atol=1e-9, rtol=1e-9)
+    # under torch.func (here vmap over stacked right-hand sides) the batch is solved by LU:
+    # the same solutions
+    stacked = torch.stack((rhs, 2.0 * rhs))
+    torch.testing.assert_close(torch.func.vmap(factor.solve)(stacked),
+                               torch.stack((expected, 2.0 * expected)), atol=1e-9, rtol=1e-9)
+    assert factor._transformed is not None

@@ -172,6 +172,7 @@ class ActiveSetFactorization:
     def __init__(self, K: torch.Tensor, n: int, used: torch.Tensor, pseudo_inverse):
         B = K.shape[0]
         self.n = n
+        self._K, self._pinv, self._transformed = K, pseudo_inverse, None
         L, info = torch.linalg.cholesky_ex(K[:, :n, :n])
         schur = (info == 0) & _well_pivoted(L)
         self._schur = bool(schur.any())
@@ -195,9 +196,20 @@ class ActiveSetFactorization:
             self.singular[self._rest] = self._dense.singular
 
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
-        """``K⁻¹ rhs`` (``K⁺ rhs`` where ``K`` is singular) for ``rhs (B, n + k, c)``."""
+        """``K⁻¹ rhs`` (``K⁺ rhs`` where ``K`` is singular) for ``rhs (B, n + k, c)``.
+
+        A right-hand side under a ``torch.func`` transform (``vmap(jvp)``, ``jacfwd``,
+        ``jacrev``) is solved by an LU of the whole batch, made on first use: ``vmap`` of
+        triangular solves or products with an unbatched matrix reads the matrix once per
+        vmapped index (50 directions × 32 matrices of order 150: 83–85 ms), where
+        ``lu_solve``'s batching rule moves the vmapped dimension into the columns (14 ms;
+        W6 with 50 directions: 42 → 26 ms)."""
         if not self._schur:
             return self._dense.solve(rhs)
+        if torch._C._functorch.is_functorch_wrapped_tensor(rhs):
+            if self._transformed is None:
+                self._transformed = DenseFactorization(self._K, pseudo_inverse=self._pinv)
+            return self._transformed.solve(rhs)
         n = self.n
         t = torch.linalg.solve_triangular(self._L, rhs[:, :n], upper=False)
         v = torch.cholesky_solve(self._sigma * (rhs[:, n:] - self._W.mT @ t), self._LN)
