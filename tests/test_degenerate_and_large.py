@@ -190,32 +190,29 @@ def test_kkt_pseudo_inverse_shortcut_equals_the_full_one(monkeypatch):
 
 def test_active_set_factorization_schur_members_and_the_rest():
     """K = [[P, Gᵀ], [G, D]] with D = 1 on unused slots: members with P ≻ 0 and independent
-    used rows are solved by the Schur complement of P (two Cholesky factorizations), the
-    others (an LP, a dependent active row, a singular P that makes K nonsingular) by LU or
-    the pseudo-inverse. Every
-    member's solution equals torch's pseudo-inverse applied to the right-hand sides, and the
-    singular flags equal DenseFactorization's."""
+    used rows are solved by the Schur complement of P (two Cholesky factorizations), members
+    with more active rows than variables by the pseudo-inverse directly (K is singular), the
+    others (an LP vertex, a dependent active row, a singular P that makes K nonsingular) by
+    LU or the pseudo-inverse. Every member's solution equals torch's pseudo-inverse applied
+    to the right-hand sides, and the singular flags equal DenseFactorization's."""
     from torchdiffopt.backends.batched_quadratic import (ActiveSetFactorization,
                                                          _kkt_pseudo_inverse)
     from torchdiffopt.linalg.factorization import DenseFactorization
 
     gen = torch.Generator().manual_seed(2)
-    n, k = 6, 5
+    n, k = 5, 7
     Ks, useds = [], []
-    for kind in ("qp", "qp", "lp", "dependent", "singular_P", "qp_no_rows"):
+    rows = {"qp": 3, "lp": 5, "dependent": 3, "singular_P": 4, "qp_no_rows": 0, "many": 6}
+    kinds = ("qp", "qp", "lp", "dependent", "singular_P", "qp_no_rows", "many")
+    for kind in kinds:
         L = torch.randn(n, n, dtype=torch.float64, generator=gen)
         P = L @ L.T + 0.1 * torch.eye(n, dtype=torch.float64)
         if kind == "lp":
             P = torch.zeros(n, n, dtype=torch.float64)
-        if kind == "singular_P":
+        if kind == "singular_P":            # rank 2, ≻ 0 on the null space of 4 rows
             v = torch.randn(n, 2, dtype=torch.float64, generator=gen)
             P = v @ v.T
-        used = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0] if kind != "qp_no_rows" else [0.0] * k,
-                            dtype=torch.float64)
-        if kind == "lp":
-            used = torch.ones(k, dtype=torch.float64)
-        if kind == "singular_P":           # 4 rows: P (rank 2) ≻ 0 on their null space
-            used = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0], dtype=torch.float64)
+        used = (torch.arange(k) < rows[kind]).to(torch.float64)
         G = torch.randn(k, n, dtype=torch.float64, generator=gen) * used[:, None]
         if kind == "dependent":
             G[2] = G[0] - 2 * G[1]
@@ -226,11 +223,11 @@ def test_active_set_factorization_schur_members_and_the_rest():
     rtol = 1e3 * torch.finfo(torch.float64).eps * (n + k)
     pinv = lambda Ks, r: _kkt_pseudo_inverse(Ks, n, r)  # noqa: E731
     factor = ActiveSetFactorization(K, n, used, pinv)
-    assert factor._rest.tolist() == [2, 3, 4]    # LP, dependent rows, singular P
+    lu_members, pinv_members = (idx.tolist() for idx, _ in factor._others)
+    assert (lu_members, pinv_members) == ([2, 3, 4], [6])   # Schur: 0, 1 and 5
     dense = DenseFactorization(K, pseudo_inverse=pinv)
     assert factor.singular.tolist() == dense.singular.tolist()
-    # the LP has 5 active rows in 6 variables and P = 0: a flat direction
-    assert factor.singular.tolist() == [False, False, True, True, False, False]
+    assert factor.singular.tolist() == [False, False, False, True, False, False, True]
     rhs = torch.randn(len(K), n + k, 3, dtype=torch.float64, generator=gen)
     expected = torch.linalg.pinv(K, hermitian=True, rtol=rtol) @ rhs
     torch.testing.assert_close(factor.solve(rhs), expected, atol=1e-9, rtol=1e-9)

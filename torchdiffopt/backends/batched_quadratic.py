@@ -150,33 +150,39 @@ SCHUR_PIVOT_RTOL = 1e-10
 class ActiveSetFactorization:
     """The KKT matrices ``K_b = [[P_b, G_bᵀ], [G_b, D_b]]`` of :class:`BatchedQuadraticKKT`
     (``G_b`` the active rows in ``k`` slots, ``D_b = diag(1 − s_b)`` 1 on the unused slots),
-    factored once for many solves.
+    factored once for many solves. Each member takes one of three ways:
 
-    Where ``P_b ≻ 0`` and the used rows of ``G_b`` are independent, by the Schur complement
-    of ``P_b``, as OptNet's solver does: with ``P = L Lᵀ`` and ``W = L⁻¹ Gᵀ``, the complement
-    ``D − G P⁻¹ Gᵀ = Σ N`` with ``N = WᵀW + D ≻ 0`` and ``Σ = diag(+1 unused, −1 used)``
-    (``W``'s unused columns are zero, so ``N`` and ``Σ`` commute), and::
+    * where ``P_b ≻ 0`` and the used rows of ``G_b`` are independent, the Schur complement
+      of ``P_b``, as OptNet's solver does: with ``P = L Lᵀ`` and ``W = L⁻¹ Gᵀ``, the
+      complement is ``D − G P⁻¹ Gᵀ = Σ N`` with ``N = WᵀW + D ≻ 0`` and
+      ``Σ = diag(+1 unused, −1 used)`` (``W``'s unused columns are zero, so ``N`` and ``Σ``
+      commute), and::
 
-        K [x; v] = [r₁; r₂]:   t = L⁻¹ r₁,   v = N⁻¹ Σ (r₂ − Wᵀ t),   x = L⁻ᵀ (t − W v).
+          K [x; v] = [r₁; r₂]:   t = L⁻¹ r₁,   v = N⁻¹ Σ (r₂ − Wᵀ t),   x = L⁻ᵀ (t − W v).
 
-    Two batched Cholesky factorizations of orders n and k replace an LU of order n + k
-    (which on the CPU must go one matrix at a time from order 128 on, see
-    :func:`~torchdiffopt.linalg.factorization.DenseFactorization`). Other members (LPs,
-    singular ``P``, dependent active rows, poorly conditioned factors) go to
-    :class:`~torchdiffopt.linalg.factorization.DenseFactorization` with the
-    ``pseudo_inverse`` given, so degenerate members get the same minimum-norm solutions as
-    there. (A badly scaled member, e.g. ``P`` near 1e6 against rows near 1, that passes the
-    pivot tests is now solved accurately where LU's pivot test would have called it
-    singular.) ``solve`` takes ``(B, n + k, c)``."""
+      Two batched Cholesky factorizations of orders n and k replace an LU of order n + k
+      (which on the CPU must go one matrix at a time from order 128 on, see
+      :func:`~torchdiffopt.linalg.factorization.DenseFactorization`);
+    * where more rows are active than there are variables, the rows are dependent and ``K``
+      is singular whatever ``P``: the ``pseudo_inverse`` given, without an LU first (the
+      degenerate vertices of decision-focused LPs, W3: 64 active rows on 40 variables);
+    * the others (LPs at a vertex, singular ``P``, poorly conditioned factors):
+      :class:`~torchdiffopt.linalg.factorization.DenseFactorization` with the same
+      ``pseudo_inverse``, which judges singularity on the LU pivots.
+
+    Degenerate members get the same minimum-norm solutions either way. (A badly scaled
+    member, e.g. ``P`` near 1e6 against rows near 1, that passes the pivot tests is solved
+    accurately by the Schur complement where LU's pivot test would call it singular.)
+    ``solve`` takes ``(B, n + k, c)``."""
 
     def __init__(self, K: torch.Tensor, n: int, used: torch.Tensor, pseudo_inverse):
-        B = K.shape[0]
+        B, N = K.shape[0], K.shape[-1]
         self.n = n
-        self._K, self._pinv, self._transformed = K, pseudo_inverse, None
+        self._K, self._pseudo_inverse, self._transformed = K, pseudo_inverse, None
+        dependent = used.sum(-1) > n
         L, info = torch.linalg.cholesky_ex(K[:, :n, :n])
-        schur = (info == 0) & _well_pivoted(L)
-        self._schur = bool(schur.any())
-        if self._schur:
+        schur = (info == 0) & _well_pivoted(L) & ~dependent
+        if bool(schur.any()):
             eye = torch.eye(n, dtype=K.dtype, device=K.device)
             L = torch.where(schur.reshape(B, 1, 1), L, eye)  # no NaN in the products below
             W = torch.linalg.solve_triangular(L, K[:, :n, n:], upper=False)
@@ -184,40 +190,56 @@ class ActiveSetFactorization:
             schur &= (info == 0) & _well_pivoted(LN)
             self._L, self._W, self._LN = L, W, LN
             self._sigma = (1.0 - 2.0 * used).unsqueeze(-1)
-        self._rest = (~schur).nonzero().squeeze(-1)
-        self._dense = None
-        self.singular = torch.zeros(B, dtype=torch.bool, device=K.device)
-        if len(self._rest) == B:            # no member for the Schur complement (LPs)
-            self._schur = False
-            self._dense = DenseFactorization(K, pseudo_inverse=pseudo_inverse)
-            self.singular = self._dense.singular
-        elif len(self._rest):
-            self._dense = DenseFactorization(K[self._rest], pseudo_inverse=pseudo_inverse)
-            self.singular[self._rest] = self._dense.singular
+        self._schur = bool(schur.any())
+        self.singular = dependent.clone()
+        # (members, solve) of the other ways; members None where a way takes the whole batch
+        self._others = []
+        for members, make in ((~schur & ~dependent, self._lu), (dependent, self._pinv)):
+            if bool(members.any()):
+                idx = None if bool(members.all()) else members.nonzero().squeeze(-1)
+                self._others.append((idx, make(K if idx is None else K[idx], idx)))
+
+    def _lu(self, K, idx):
+        dense = DenseFactorization(K, pseudo_inverse=self._pseudo_inverse)
+        if idx is None:
+            self.singular = dense.singular
+        else:
+            self.singular[idx] = dense.singular
+        return dense.solve
+
+    def _pinv(self, K, idx):
+        rtol = 1e3 * torch.finfo(K.dtype).eps * K.shape[-1]
+        K_pinv = self._pseudo_inverse(K, rtol)
+        return lambda rhs: K_pinv @ rhs
 
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
         """``K⁻¹ rhs`` (``K⁺ rhs`` where ``K`` is singular) for ``rhs (B, n + k, c)``.
 
         A right-hand side under a ``torch.func`` transform (``vmap(jvp)``, ``jacfwd``,
-        ``jacrev``) is solved by an LU of the whole batch, made on first use: ``vmap`` of
-        triangular solves or products with an unbatched matrix reads the matrix once per
-        vmapped index (50 directions × 32 matrices of order 150: 83–85 ms), where
-        ``lu_solve``'s batching rule moves the vmapped dimension into the columns (14 ms;
-        W6 with 50 directions: 42 → 26 ms)."""
-        if not self._schur:
-            return self._dense.solve(rhs)
-        if torch._C._functorch.is_functorch_wrapped_tensor(rhs):
+        ``jacrev``) is solved by :class:`DenseFactorization` of the whole batch, made on
+        first use: ``vmap`` of triangular solves or products with an unbatched matrix reads
+        the matrix once per vmapped index (50 directions × 32 matrices of order 150:
+        83–85 ms), where ``lu_solve``'s batching rule moves the vmapped dimension into the
+        columns (14 ms; W6 with 50 directions: 42 → 26 ms)."""
+        if self._schur and torch._C._functorch.is_functorch_wrapped_tensor(rhs):
             if self._transformed is None:
-                self._transformed = DenseFactorization(self._K, pseudo_inverse=self._pinv)
+                self._transformed = DenseFactorization(
+                    self._K, pseudo_inverse=self._pseudo_inverse)
             return self._transformed.solve(rhs)
+        z = self._schur_solve(rhs) if self._schur else None
+        for idx, solve in self._others:
+            if idx is None:
+                return solve(rhs)
+            part = solve(rhs[idx])
+            z = (rhs.new_zeros(rhs.shape) if z is None else z).index_copy(0, idx, part)
+        return z
+
+    def _schur_solve(self, rhs):
         n = self.n
         t = torch.linalg.solve_triangular(self._L, rhs[:, :n], upper=False)
         v = torch.cholesky_solve(self._sigma * (rhs[:, n:] - self._W.mT @ t), self._LN)
         x = torch.linalg.solve_triangular(self._L.mT, t - self._W @ v, upper=True)
-        z = torch.cat((x, v), dim=-2)
-        if self._dense is not None:
-            z = z.index_copy(0, self._rest, self._dense.solve(rhs[self._rest]))
-        return z
+        return torch.cat((x, v), dim=-2)
 
 
 def _well_pivoted(L: torch.Tensor) -> torch.Tensor:
