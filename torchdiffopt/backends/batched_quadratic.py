@@ -162,7 +162,9 @@ class ActiveSetFactorization:
 
       Two batched Cholesky factorizations of orders n and k replace an LU of order n + k
       (which on the CPU must go one matrix at a time from order 128 on, see
-      :func:`~torchdiffopt.linalg.factorization.DenseFactorization`);
+      :func:`~torchdiffopt.linalg.factorization.DenseFactorization`); each solve takes one
+      step of iterative refinement against ``K``, which keeps it as accurate as LU when
+      ``P`` is ill-conditioned;
     * where more rows are active than there are variables, the rows are dependent and ``K``
       is singular whatever ``P``: the ``pseudo_inverse`` given, without an LU first (the
       degenerate vertices of decision-focused LPs, W3: 64 active rows on 40 variables);
@@ -235,6 +237,13 @@ class ActiveSetFactorization:
         return z
 
     def _schur_solve(self, rhs):
+        """The Schur-complement solve and one step of iterative refinement against ``K``:
+        the complement's rounding error grows with the condition of ``P`` (W2, κ(P) = 1e5:
+        solutions to 6e-13, against LU's 4e-15), one refinement step brings it back."""
+        z = self._schur_apply(rhs)
+        return z + self._schur_apply(rhs - self._K @ z)
+
+    def _schur_apply(self, rhs):
         n = self.n
         t = torch.linalg.solve_triangular(self._L, rhs[:, :n], upper=False)
         v = torch.cholesky_solve(self._sigma * (rhs[:, n:] - self._W.mT @ t), self._LN)
