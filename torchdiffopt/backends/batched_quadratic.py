@@ -196,12 +196,14 @@ class ActiveSetFactorization:
         self.singular = dependent.clone()
         # (members, solve) of the other ways; members None where a way takes the whole batch
         self._others = []
-        for members, make in ((~schur & ~dependent, self._lu), (dependent, self._pinv)):
+        for members, make in ((~schur & ~dependent, self._lu_solver),
+                              (dependent, self._pinv_solver)):
             if bool(members.any()):
                 idx = None if bool(members.all()) else members.nonzero().squeeze(-1)
                 self._others.append((idx, make(K if idx is None else K[idx], idx)))
 
-    def _lu(self, K, idx):
+    def _lu_solver(self, K, idx):
+        """The solve of the members ``idx`` (None: all) by LU, singular ones flagged."""
         dense = DenseFactorization(K, pseudo_inverse=self._pseudo_inverse)
         if idx is None:
             self.singular = dense.singular
@@ -209,7 +211,9 @@ class ActiveSetFactorization:
             self.singular[idx] = dense.singular
         return dense.solve
 
-    def _pinv(self, K, idx):
+    def _pinv_solver(self, K, idx):
+        """The solve of singular members by their pseudo-inverse (cutoff as
+        :class:`DenseFactorization`'s)."""
         rtol = 1e3 * torch.finfo(K.dtype).eps * K.shape[-1]
         K_pinv = self._pseudo_inverse(K, rtol)
         return lambda rhs: K_pinv @ rhs
