@@ -34,6 +34,8 @@ def with_bound_rows(C, c0, sense, lb, ub):
     row per finite variable bound (:func:`~torchdiffopt.backends.quadratic.bound_rows`)."""
     B, _, n = C.shape
     b_cols, b_c0, b_sense = bound_rows(lb, ub)
+    if not len(b_cols):  # no finite bound: the rows as they are, no copy
+        return C, c0, torch.as_tensor(np.asarray(sense), device=C.device)
     E = torch.zeros(len(b_cols), n, dtype=C.dtype, device=C.device)
     E[torch.arange(len(b_cols)), torch.as_tensor(b_cols, dtype=torch.long)] = 1.0
     C_all = torch.cat((C, E.expand(B, -1, -1)), dim=1)
