@@ -223,8 +223,8 @@ def test_active_set_factorization_schur_members_and_the_rest():
     rtol = 1e3 * torch.finfo(torch.float64).eps * (n + k)
     pinv = lambda Ks, r: _kkt_pseudo_inverse(Ks, n, r)  # noqa: E731
     factor = ActiveSetFactorization(K, n, used, pinv)
-    lu_members, pinv_members = (idx.tolist() for idx, _ in factor._others)
-    assert (lu_members, pinv_members) == ([2, 3, 4], [6])   # Schur: 0, 1 and 5
+    # the ways in order: Schur complement, LU, pseudo-inverse
+    assert [idx.tolist() for idx, _ in factor._ways] == [[0, 1, 5], [2, 3, 4], [6]]
     dense = DenseFactorization(K, pseudo_inverse=pinv)
     assert factor.singular.tolist() == dense.singular.tolist()
     assert factor.singular.tolist() == [False, False, False, True, False, False, True]
@@ -236,7 +236,7 @@ def test_active_set_factorization_schur_members_and_the_rest():
     stacked = torch.stack((rhs, 2.0 * rhs))
     torch.testing.assert_close(torch.func.vmap(factor.solve)(stacked),
                                torch.stack((expected, 2.0 * expected)), atol=1e-9, rtol=1e-9)
-    assert factor._transformed is not None
+    assert factor._ways[0][1].__self__._lu is not None
 
 
 def test_schur_solves_are_accurate_for_ill_conditioned_P():
@@ -245,7 +245,8 @@ def test_schur_solves_are_accurate_for_ill_conditioned_P():
     (unrefined, its primal part is 10–70× less accurate than an LU of K here); with its one
     refinement step against K it is at least as accurate as a backward-stable LU solve.
     Reference: LU solves refined three times."""
-    from torchdiffopt.backends.batched_quadratic import ActiveSetFactorization
+    from torchdiffopt.backends.batched_quadratic import (ActiveSetFactorization,
+                                                         _SchurComplement)
 
     gen = torch.Generator().manual_seed(3)
     B, n, k = 16, 20, 8
@@ -260,7 +261,8 @@ def test_schur_solves_are_accurate_for_ill_conditioned_P():
     rhs = K @ z
     factor = ActiveSetFactorization(K, n, torch.ones(B, k, dtype=torch.float64),
                                     pseudo_inverse=None)
-    assert factor._schur and not factor._others
+    (members, solve), = factor._ways                  # one way for the whole batch:
+    assert members is None and isinstance(solve.__self__, _SchurComplement)  # the Schur one
     lu, piv = torch.linalg.lu_factor(K)
     ref = torch.linalg.lu_solve(lu, piv, rhs)
     for _ in range(3):

@@ -267,8 +267,7 @@ def _solve_dense(call: SolveCall, P_vals, q, r, C_vals, c0):
         eye = torch.eye(n, dtype=q.dtype, device=q.device)
         x, mu_all, hint = _qpth(st, torch.where(valid.reshape(B, 1, 1), P, eye),
                                 torch.where(valid.reshape(B, 1), q, 0.0), C, c0)
-    elif _batch_solver(solver, q.device) is not None:
-        name = _batch_solver(solver, q.device)
+    elif (name := _batch_solver(solver, q.device)) is not None:
         x, mu_all, hint, codes = _solve_batched(
             name, st, torch.where(valid.reshape(B, 1, 1), P, 0.0),
             torch.where(valid.reshape(B, 1), q, 0.0), C, c0)

@@ -25,7 +25,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..linalg.factorization import DenseFactorization, symmetric_pseudo_inverse
+from ..linalg.factorization import (DenseFactorization, pseudo_inverse_rtol,
+                                    symmetric_pseudo_inverse)
 from .quadratic import ACTIVE_RTOL, WEAK_RTOL, bound_rows
 
 
@@ -180,29 +181,30 @@ class ActiveSetFactorization:
     ``solve`` takes ``(B, n + k, c)``."""
 
     def __init__(self, K: torch.Tensor, n: int, used: torch.Tensor, pseudo_inverse):
-        B, N = K.shape[0], K.shape[-1]
-        self.n = n
-        self._K, self._pseudo_inverse, self._transformed = K, pseudo_inverse, None
+        B = K.shape[0]
+        self._pseudo_inverse = pseudo_inverse
         dependent = used.sum(-1) > n
         L, info = torch.linalg.cholesky_ex(K[:, :n, :n])
         schur = (info == 0) & _well_pivoted(L) & ~dependent
-        if bool(schur.any()):
-            eye = torch.eye(n, dtype=K.dtype, device=K.device)
-            L = torch.where(schur.reshape(B, 1, 1), L, eye)  # no NaN in the products below
-            W = torch.linalg.solve_triangular(L, K[:, :n, n:], upper=False)
-            LN, info = torch.linalg.cholesky_ex(W.mT @ W + torch.diag_embed(1.0 - used))
-            schur &= (info == 0) & _well_pivoted(LN)
-            self._L, self._W, self._LN = L, W, LN
-            self._sigma = (1.0 - 2.0 * used).unsqueeze(-1)
-        self._schur = bool(schur.any())
+        candidates = schur.nonzero().squeeze(-1)
+        if len(candidates):
+            L, Kc, used_c = (_members(t, candidates) for t in (L, K, used))
+            W = torch.linalg.solve_triangular(L, Kc[:, :n, n:], upper=False)
+            LN, info = torch.linalg.cholesky_ex(W.mT @ W + torch.diag_embed(1.0 - used_c))
+            ok = ((info == 0) & _well_pivoted(LN)).nonzero().squeeze(-1)
+            schur[candidates] = False
+            schur[candidates[ok]] = True
+            schur_way = _SchurComplement(*(_members(t, ok) for t in (Kc, L, W, LN, used_c)),
+                                         n, pseudo_inverse)
         self.singular = dependent.clone()
-        # (members, solve) of the other ways; members None where a way takes the whole batch
-        self._others = []
-        for members, make in ((~schur & ~dependent, self._lu_solver),
+        # (members, solve) per way, members None where one way takes the whole batch
+        self._ways = []
+        for members, make in ((schur, lambda Kw, idx: schur_way.solve),
+                              (~schur & ~dependent, self._lu_solver),
                               (dependent, self._pinv_solver)):
             if bool(members.any()):
                 idx = None if bool(members.all()) else members.nonzero().squeeze(-1)
-                self._others.append((idx, make(K if idx is None else K[idx], idx)))
+                self._ways.append((idx, make(K if idx is None else K[idx], idx)))
 
     def _lu_solver(self, K, idx):
         """The solve of the members ``idx`` (None: all) by LU, singular ones flagged."""
@@ -214,47 +216,62 @@ class ActiveSetFactorization:
         return dense.solve
 
     def _pinv_solver(self, K, idx):
-        """The solve of singular members by their pseudo-inverse (cutoff as
-        :class:`DenseFactorization`'s)."""
-        rtol = 1e3 * torch.finfo(K.dtype).eps * K.shape[-1]
-        K_pinv = self._pseudo_inverse(K, rtol)
+        """The solve of singular members by their pseudo-inverse (the cutoff of
+        :class:`DenseFactorization`)."""
+        K_pinv = self._pseudo_inverse(K, pseudo_inverse_rtol(K))
         return lambda rhs: K_pinv @ rhs
 
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
-        """``K⁻¹ rhs`` (``K⁺ rhs`` where ``K`` is singular) for ``rhs (B, n + k, c)``.
-
-        A right-hand side under a ``torch.func`` transform (``vmap(jvp)``, ``jacfwd``,
-        ``jacrev``) is solved by :class:`DenseFactorization` of the whole batch, made on
-        first use: ``vmap`` of triangular solves or products with an unbatched matrix reads
-        the matrix once per vmapped index (50 directions × 32 matrices of order 150:
-        83–85 ms), where ``lu_solve``'s batching rule moves the vmapped dimension into the
-        columns (14 ms; W6 with 50 directions: 42 → 26 ms)."""
-        if self._schur and torch._C._functorch.is_functorch_wrapped_tensor(rhs):
-            if self._transformed is None:
-                self._transformed = DenseFactorization(
-                    self._K, pseudo_inverse=self._pseudo_inverse)
-            return self._transformed.solve(rhs)
-        z = self._schur_solve(rhs) if self._schur else None
-        for idx, solve in self._others:
-            if idx is None:
-                return solve(rhs)
-            part = solve(rhs[idx])
-            z = (rhs.new_zeros(rhs.shape) if z is None else z).index_copy(0, idx, part)
+        """``K⁻¹ rhs`` (``K⁺ rhs`` where ``K`` is singular) for ``rhs (B, n + k, c)``, each
+        member by its way."""
+        (idx, solve), *rest = self._ways
+        if idx is None:
+            return solve(rhs)
+        z = rhs.new_zeros(rhs.shape).index_copy(0, idx, solve(rhs[idx]))
+        for idx, solve in rest:
+            z = z.index_copy(0, idx, solve(rhs[idx]))
         return z
 
-    def _schur_solve(self, rhs):
+
+class _SchurComplement:
+    """The Schur-complement way of :class:`ActiveSetFactorization` for its members: the
+    factors ``L`` (of ``P``), ``W = L⁻¹Gᵀ`` and ``L_N`` (of ``N``), and ``K`` itself for the
+    refinement step."""
+
+    def __init__(self, K, L, W, LN, used, n, pseudo_inverse):
+        self._K, self.n, self._L, self._W, self._LN = K, n, L, W, LN
+        self._sigma = (1.0 - 2.0 * used).unsqueeze(-1)
+        self._pseudo_inverse, self._lu = pseudo_inverse, None
+
+    def solve(self, rhs: torch.Tensor) -> torch.Tensor:
         """The Schur-complement solve and one step of iterative refinement against ``K``:
         the complement's rounding error grows with the condition of ``P`` (W2, κ(P) = 1e5:
-        solutions to 6e-13, against LU's 4e-15), one refinement step brings it back."""
-        z = self._schur_apply(rhs)
-        return z + self._schur_apply(rhs - self._K @ z)
+        solutions to 6e-13, against LU's 4e-15), one refinement step brings it back.
 
-    def _schur_apply(self, rhs):
+        A right-hand side under a ``torch.func`` transform (``vmap(jvp)``, ``jacfwd``,
+        ``jacrev``) is solved by an LU of these members instead, made on first use: ``vmap``
+        of triangular solves against unbatched factors reads them once per vmapped index
+        (50 directions × 32 matrices of order 150: 83–85 ms), where ``lu_solve``'s batching
+        rule moves the vmapped dimension into the columns (14 ms; W6 with 50 directions:
+        42 → 26 ms)."""
+        if torch._C._functorch.is_functorch_wrapped_tensor(rhs):
+            if self._lu is None:
+                self._lu = DenseFactorization(self._K, pseudo_inverse=self._pseudo_inverse)
+            return self._lu.solve(rhs)
+        z = self._apply(rhs)
+        return z + self._apply(rhs - self._K @ z)
+
+    def _apply(self, rhs):
         n = self.n
         t = torch.linalg.solve_triangular(self._L, rhs[:, :n], upper=False)
         v = torch.cholesky_solve(self._sigma * (rhs[:, n:] - self._W.mT @ t), self._LN)
         x = torch.linalg.solve_triangular(self._L.mT, t - self._W @ v, upper=True)
         return torch.cat((x, v), dim=-2)
+
+
+def _members(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``t[idx]``, or ``t`` itself where ``idx`` lists every member (no copy)."""
+    return t if len(idx) == len(t) else t[idx]
 
 
 def _well_pivoted(L: torch.Tensor) -> torch.Tensor:
@@ -311,9 +328,9 @@ class BatchedQuadraticKKT:
         K[:, n:, :n] = SC
         K[:, :n, n:] = SC.transpose(1, 2)
         K[:, n:, n:] = torch.diag_embed(1.0 - used)
-        self._lu = ActiveSetFactorization(
+        self._factor = ActiveSetFactorization(
             K, n, used, pseudo_inverse=lambda Ks, rtol: _kkt_pseudo_inverse(Ks, n, rtol))
-        self.singular = self._lu.singular & valid
+        self.singular = self._factor.singular & valid
         self.n, self.m, self.M = n, m, M
 
         # Newton polish from the solver's point, kept per member where it is acceptable
@@ -361,7 +378,7 @@ class BatchedQuadraticKKT:
         rr = rhs_rows.unsqueeze(-1) if vec else rhs_rows.transpose(-1, -2)
         rows = self._slot_rows.unsqueeze(-1).expand(*rr.shape[:-2], -1, rr.shape[-1])
         used = self._used.unsqueeze(-1)
-        z = self._lu.solve(torch.cat((rx, rr.gather(-2, rows) * used), dim=-2))
+        z = self._factor.solve(torch.cat((rx, rr.gather(-2, rows) * used), dim=-2))
         z_rows = torch.zeros_like(rr).scatter(-2, rows, z[..., n:, :] * used)
         z_x = z[..., :n, :]
         if vec:

@@ -61,7 +61,7 @@ class DenseFactorization:
             # eigenvalue magnitudes) below the cutoff dropped
             self._members = self.singular.reshape(-1).nonzero().squeeze(-1)
             Ks = K.reshape(-1, self.order, self.order)[self._members]
-            rel = 1e3 * torch.finfo(K.dtype).eps * self.order
+            rel = pseudo_inverse_rtol(K)
             if symmetric:
                 self._pinv = (pseudo_inverse or symmetric_pseudo_inverse)(Ks, rel)
             else:
@@ -80,6 +80,13 @@ class DenseFactorization:
                 0, self._members, pinv @ rhs.expand_as(z).reshape(flat.shape)[self._members]
             ).reshape(z.shape)
         return z
+
+
+def pseudo_inverse_rtol(K: torch.Tensor) -> float:
+    """The relative cutoff below which singular values (eigenvalue magnitudes) of the
+    singular matrices ``K (…, N, N)`` are dropped from their pseudo-inverse:
+    ``1e3 · ε · N``."""
+    return 1e3 * torch.finfo(K.dtype).eps * K.shape[-1]
 
 
 def _lu_factor(K: torch.Tensor):
