@@ -26,13 +26,12 @@ import torch
 
 from .backends.batched_quadratic import BatchedQuadraticKKT, with_bound_rows
 from .backends.quadratic import DataTangent, QuadraticKKT, bound_rows, check_convex
-from .errors import (InfeasibleError, NonconvexError, SolverError, UnboundedError,
-                     warn_degenerate)
+from .errors import NonconvexError, SolverError, warn_degenerate
 from .linalg.factorization import DENSE_MAX_ORDER
 from .solvers import NumericQP, qp_solver, solve_highs, solve_scs
 from .solvers.batch import record_outcomes, solve_each, solve_qpth
 from .solvers.daqp import solve_daqp
-from .solvers.ipm import DUAL_INFEASIBLE, OPTIMAL, PRIMAL_INFEASIBLE, solve_ipm
+from .solvers.ipm import OPTIMAL, solve_ipm, status_error
 
 #: largest relative KKT residual accepted from a solver
 KKT_TOLERANCE = 1e-6
@@ -272,7 +271,7 @@ def _solve_dense(call: SolveCall, P_vals, q, r, C_vals, c0):
             name, st, torch.where(valid.reshape(B, 1, 1), P, 0.0),
             torch.where(valid.reshape(B, 1), q, 0.0), C, c0)
         for b in torch.nonzero(valid & (codes != OPTIMAL)).flatten().tolist():
-            status[b], errors[b] = _batch_failure(name, int(codes[b]))
+            status[b], errors[b] = status_error(int(codes[b]), _BATCH_SOLVER_NAMES[name])
         valid = valid & (codes == OPTIMAL)
         x = torch.where(valid.reshape(B, 1), x, 0.0)
         mu_all = torch.where(valid.reshape(B, 1), mu_all, 0.0)
@@ -369,18 +368,6 @@ def _batch_solver(solver, device) -> str | None:
     if solver in (None, "auto"):
         return "daqp" if device.type == "cpu" else "ipm"
     return solver if solver in _BATCH_SOLVER_NAMES else None
-
-
-def _batch_failure(name: str, code: int) -> tuple[str, Exception]:
-    who = _BATCH_SOLVER_NAMES[name]
-    if code == PRIMAL_INFEASIBLE:
-        return "infeasible", InfeasibleError(f"infeasible: {who} proved the constraints "
-                                             "inconsistent")
-    if code == DUAL_INFEASIBLE:
-        return "unbounded", UnboundedError(f"unbounded: {who} found a direction of "
-                                           "unbounded descent")
-    return "solver_error", SolverError(f"{who} did not converge (iteration limit, cycling or "
-                                       "numerical failure)")
 
 
 def _solve_batched(name, st, P, q, C, c0):

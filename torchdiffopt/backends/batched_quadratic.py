@@ -181,7 +181,6 @@ class ActiveSetFactorization:
     ``solve`` takes ``(B, n + k, c)``."""
 
     def __init__(self, K: torch.Tensor, n: int, used: torch.Tensor, pseudo_inverse):
-        B = K.shape[0]
         self._pseudo_inverse = pseudo_inverse
         dependent = used.sum(-1) > n
         L, info = torch.linalg.cholesky_ex(K[:, :n, :n])

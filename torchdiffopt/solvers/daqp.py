@@ -33,11 +33,12 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from ctypes import c_int
 
+import daqp
 import numpy as np
 import torch
 
-from ..errors import InfeasibleError, SolverError, UnboundedError
-from .ipm import DUAL_INFEASIBLE, NOT_CONVERGED, OPTIMAL, PRIMAL_INFEASIBLE, IPMResult
+from .ipm import (DUAL_INFEASIBLE, NOT_CONVERGED, OPTIMAL, PRIMAL_INFEASIBLE, IPMResult,
+                  status_error)
 from .solution import NumericQP, Solution
 
 #: DAQP's value for an absent bound
@@ -53,15 +54,6 @@ PRIMAL_TOL = 1e-9
 #: a thread pool's start costs more than it saves (measured, 2 cores: B = 1024, n = 20,
 #: M = 40 took 13 ms in one thread and 29 ms with a task per member in two)
 MIN_THREADED_ENTRIES = 1 << 17
-
-
-def require_daqp():
-    """Import DAQP, with an error saying how to install it if it is missing."""
-    try:
-        import daqp
-    except ImportError as err:  # pragma: no cover - daqp is a dependency
-        raise ImportError("solver='daqp' needs DAQP: pip install daqp") from err
-    return daqp
 
 
 def solve_daqp(P, q, C, c0, sense, lb=None, ub=None, *,
@@ -86,7 +78,6 @@ def solve_daqp(P, q, C, c0, sense, lb=None, ub=None, *,
     """
     from ..backends.quadratic import bound_rows  # the backends import the solvers
 
-    daqp = require_daqp()
     dtype, device = q.dtype, q.device
     B, n = q.shape
     as_np = lambda t: np.ascontiguousarray(t.detach().to("cpu", torch.float64).numpy())  # noqa: E731
@@ -161,13 +152,8 @@ def solve_daqp_qp(problem: NumericQP) -> Solution:
                         dense(problem.c0), torch.as_tensor(problem.sense.astype(np.int64)),
                         problem.lb, problem.ub, n_jobs=1)
     status = int(result.status[0])
-    if status == PRIMAL_INFEASIBLE:
-        raise InfeasibleError("infeasible: DAQP proved the constraints inconsistent")
-    if status == DUAL_INFEASIBLE:
-        raise UnboundedError("unbounded: DAQP found a direction of unbounded descent")
     if status != OPTIMAL:
-        raise SolverError("DAQP stopped without an optimal solution (iteration limit, "
-                          "cycling or numerical failure)")
+        raise status_error(status, "DAQP")[1]
     mu = result.mu[0].numpy()
     b_cols, _, _ = bound_rows(problem.lb, problem.ub)
     bound_shadow = np.zeros(problem.n)
@@ -176,4 +162,4 @@ def solve_daqp_qp(problem: NumericQP) -> Solution:
                     bound_shadow=bound_shadow)
 
 
-__all__ = ["require_daqp", "solve_daqp", "solve_daqp_qp"]
+__all__ = ["solve_daqp", "solve_daqp_qp"]

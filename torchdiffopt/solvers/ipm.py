@@ -64,6 +64,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import InfeasibleError, SolverError, UnboundedError
+
 OPTIMAL, PRIMAL_INFEASIBLE, DUAL_INFEASIBLE, NOT_CONVERGED = 0, 1, 2, 3
 
 #: fraction of the step to the boundary of the cone that an iteration takes
@@ -79,6 +81,21 @@ MAX_REFINEMENT = 5
 REFINEMENT_RTOL = 1e-10
 #: retries of a failed Cholesky factorization, each with ρ a hundred times larger
 MAX_FACTOR_RETRIES = 4
+
+
+def status_error(code: int, solver: str) -> tuple[str, Exception]:
+    """The per-member status name and the named error of a batch solver's status ``code``
+    (:data:`PRIMAL_INFEASIBLE`, :data:`DUAL_INFEASIBLE`, anything else not optimal);
+    ``solver`` names the solver in the message. Shared by this interior point and
+    :mod:`~torchdiffopt.solvers.daqp`, which report in these codes."""
+    if code == PRIMAL_INFEASIBLE:
+        return "infeasible", InfeasibleError(f"infeasible: {solver} proved the constraints "
+                                             "inconsistent")
+    if code == DUAL_INFEASIBLE:
+        return "unbounded", UnboundedError(f"unbounded: {solver} found a direction of "
+                                           "unbounded descent")
+    return "solver_error", SolverError(f"{solver} did not converge (iteration limit, cycling "
+                                       "or numerical failure)")
 
 
 @dataclass
@@ -436,5 +453,5 @@ def solve_ipm(P, q, C, c0, sense, *, tol: float = 1e-10, max_iter: int = 100) ->
                      iterations=out_iterations)
 
 
-__all__ = ["IPMResult", "solve_ipm", "OPTIMAL", "PRIMAL_INFEASIBLE", "DUAL_INFEASIBLE",
+__all__ = ["IPMResult", "solve_ipm", "status_error", "OPTIMAL", "PRIMAL_INFEASIBLE", "DUAL_INFEASIBLE",
            "NOT_CONVERGED"]
