@@ -146,10 +146,12 @@ def test_daqp_lp_multipliers_exact_after_polish():
 
 
 def test_tighter_tolerance_gives_a_more_accurate_solution():
+    """1e-12 at the tight end: at 1e-13 a member can stall at round-off and stop "not
+    converged" on some CPUs (seen on one MKL build, not on another)."""
     rng = np.random.default_rng(3)
     data, x_star, mu_star, _ = known_batch(rng, 32, 8, 2, 5, 5, "qp")
     errors = []
-    for tol in (1e-6, 1e-10, 1e-13):
+    for tol in (1e-6, 1e-9, 1e-12):
         result = solve_ipm(*data, tol=tol)
         assert (result.status == OPTIMAL).all()
         errors.append(np.abs(result.x.numpy() - x_star).max())

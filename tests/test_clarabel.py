@@ -185,8 +185,8 @@ def test_layer_with_clarabel_matches_scs():
         results.append([o.detach() for o in outs] + list(torch.autograd.grad(loss, (c_t, h_t))))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, atol=1e-9, rtol=0)
-    with pytest.raises(ValueError, match="SCS.*Clarabel"):
-        tdo.Layer(m, [c, h], x, solver="ipm")
+    with pytest.raises(ValueError, match="SCS.*Clarabel.*interior point"):
+        tdo.Layer(m, [c, h], x, solver="daqp")  # a QP solver: not one of the conic backend's
     q = tdo.quadratic_diff_model()
     z = q.variable(2)
     q.minimize(tdo.sum_squares(z - 1))

@@ -6,8 +6,11 @@ patterns of ``A`` and ``P`` (:class:`~torchdiffopt.backends.batched_conic.ConicP
 the stored entries are value tensors with a leading batch dimension. It solves every member
 with SCS (:func:`~torchdiffopt.solvers.scs_conic.solve_scs_conic`) or Clarabel
 (:func:`~torchdiffopt.solvers.clarabel_conic.solve_clarabel_conic`, same conventions) in a
-thread pool (both release the GIL while they iterate), refines each point by Newton steps on
-the residual map (:class:`~torchdiffopt.backends.conic.ResidualMap`), and differentiates the
+thread pool (both release the GIL while they iterate), or the whole batch in one call of the
+torch interior point (:func:`~torchdiffopt.solvers.conic_ipm.solve_conic_ipm`, for
+``solver="ipm"``; members it gives up on go to SCS), refines the points by Newton steps on
+the residual map of :mod:`~torchdiffopt.backends.conic` (batched,
+:func:`~torchdiffopt.backends.batched_conic.refine_dense`), and differentiates the
 batch with respect to the data through
 :class:`~torchdiffopt.backends.batched_conic.BatchedConicDerivative`: one batched dense LU of
 the residual-map Jacobians for ``n + m`` up to ``DENSE_MAX_ORDER`` (then ``backward``,
@@ -35,12 +38,13 @@ import torch
 
 from .backends.batched_conic import (BatchedConicDerivative, ConicPattern, SparseSystems,
                                      refine_dense)
-from .backends.conic import ConicDerivative, ResidualMap
-from .backends.cones import ConeDims, kinks, project
-from .errors import warn_degenerate
-from .qp_function import reject_nested_derivatives, vmap_by_folding
-from .solvers import conic_solver
-from .solvers.batch import record_outcomes, solve_each
+from .backends.conic import ConicDerivative
+from .backends.cones import ConeDims, kinks, project_rows
+from .errors import NonconvexError, warn_degenerate
+from .qp_function import _positive_definite, reject_nested_derivatives, vmap_by_folding
+from .solvers import BATCHED_CONIC_SOLVERS, conic_solver, solve_scs_conic
+from .solvers.batch import record_outcomes, solve_each, status_of
+from .solvers.ipm import OPTIMAL, status_error
 
 _F64 = torch.float64
 _NDIM = {"A": 2, "b": 1, "c": 1, "P": 2}  # unbatched number of dimensions
@@ -71,28 +75,53 @@ class ConicCall:
 
 @dataclass
 class _Member:
-    """One solved member: its point and kinks (once refined), and its residual map (dense
-    path, refined with the batch) or its factorized :class:`ConicDerivative` (sparse path)."""
+    """One solved member: its point and kinks (once refined), and on the sparse path its
+    factorized :class:`ConicDerivative`."""
 
     x: np.ndarray
     y: np.ndarray
     s: np.ndarray
     kinks: list | None = None
-    map: ResidualMap | None = None
     derivative: ConicDerivative | None = None
 
 
-def _solve_member(st: ConicStructure, P_vals, c, A_vals, b) -> _Member:
+def _solve_member(st: ConicStructure, P_vals, c, A_vals, b, solve=None) -> _Member:
+    """One member with the per-member adapter ``solve`` (default: the structure's)."""
     pt = st.pattern
     A = sp.csc_matrix((A_vals, (pt.A_rows, pt.A_cols)), shape=(pt.m, pt.n))
     P = sp.csc_matrix((P_vals, (pt.P_rows, pt.P_cols)), shape=(pt.n, pt.n)) \
         if len(pt.P_rows) else None
-    sol = st.solve(A, b, c, st.dims, P, **st.solver_options)
+    options = st.solver_options if solve is None else {}
+    sol = (solve or st.solve)(A, b, c, st.dims, P, **options)
     if pt.dense:
-        return _Member(sol.x, sol.y, sol.s, map=ResidualMap(A, b, c, st.dims, P, dense=True))
+        return _Member(sol.x, sol.y, sol.s)
     d = ConicDerivative(A, b, c, st.dims, sol.x, sol.y, sol.s, P, refine=st.refine,
                         dense=False, warn=False)
     return _Member(d.x, d.y, d.s, d.kinks, derivative=d)
+
+
+def _solve_together(st: ConicStructure, solve_batch, todo: list, P_vals, c, A_vals, b):
+    """The members ``todo`` solved by the batched solver in one call: a :class:`_Member` or
+    the named error of its status, per member. An indefinite ``P`` is reported here (the
+    batched solver assumes a convex objective)."""
+    pt, idx = st.pattern, torch.as_tensor(todo, device=c.device)
+    A = pt.dense_matrix(A_vals[idx].to(_F64), "A_rows", "A_cols", (pt.m, pt.n))
+    P = pt.dense_matrix(P_vals[idx].to(_F64), "P_rows", "P_cols", (pt.n, pt.n))
+    P = 0.5 * (P + P.mT)
+    convex = _positive_definite(P, shift=1e-9) if len(pt.P_rows) else \
+        torch.ones(len(todo), dtype=torch.bool, device=c.device)
+    res = solve_batch(P, c[idx].to(_F64), A, b[idx].to(_F64), st.dims, **st.solver_options)
+    x, y, s = (t.cpu().numpy() for t in (res.x, res.y, res.s))
+    outcomes = []
+    for k, code in enumerate(res.status.tolist()):
+        if not bool(convex[k]):
+            outcomes.append(NonconvexError("nonconvex objective: the quadratic form is "
+                                           "indefinite"))
+        elif code == OPTIMAL:
+            outcomes.append(_Member(x[k], y[k], s[k]))
+        else:
+            outcomes.append(status_error(code, "the conic interior point")[1])
+    return outcomes
 
 
 def _solve_batch(call: ConicCall, P_vals, c, A_vals, b, margins):
@@ -110,25 +139,34 @@ def _solve_batch(call: ConicCall, P_vals, c, A_vals, b, margins):
             status[j], errors[j] = "nonconvex", err
         else:
             todo.append(j)
-    outcomes = solve_each(todo, lambda j: _solve_member(st, *(a[j] for a in arrays[:4])),
-                          st.n_jobs)
+    solve_batch = BATCHED_CONIC_SOLVERS.get(st.solve)
+    if solve_batch is not None and pt.dense and todo:
+        outcomes = _solve_together(st, solve_batch, todo, P_vals, c, A_vals, b)
+        # members the interior point gave up on (no certificate) get SCS
+        retry = [k for k, out in enumerate(outcomes) if status_of(out) == "solver_error"]
+        again = solve_each([todo[k] for k in retry], lambda j: _solve_member(
+            st, *(a[j] for a in arrays[:4]), solve=solve_scs_conic), st.n_jobs)
+        for k, out in zip(retry, again):
+            outcomes[k] = out
+    else:
+        outcomes = solve_each(todo, lambda j: _solve_member(st, *(a[j] for a in arrays[:4])),
+                              st.n_jobs)
     members: list[_Member | None] = record_outcomes(todo, outcomes, B, status, errors)
     valid = torch.tensor([mb is not None for mb in members], device=device)
     if pt.dense:
         z = np.zeros((B, pt.n + pt.m))
         for j, mb in enumerate(members):
             if mb is not None:
-                z[j] = np.concatenate(mb.map.start(mb.x, mb.y, mb.s))
+                z[j] = np.concatenate((mb.x, mb.y - mb.s))
         keep = valid.reshape(B, 1)
-        z, systems = refine_dense(pt, [mb and mb.map for mb in members], z,
-                                  torch.where(keep, P_vals.detach().to(_F64), 0.0),
-                                  torch.where(keep, A_vals.detach().to(_F64), 0.0), valid,
-                                  st.refine)
+        data = (torch.where(keep, t.detach().to(_F64), 0.0) for t in (P_vals, c, A_vals, b))
+        z, systems = refine_dense(pt, st.dims, z, *data, valid, st.refine)
+        v = z[:, pt.n:]
+        y_all = project_rows(v, st.dims, dual=True)
         for j, mb in enumerate(members):
             if mb is not None:
-                v = z[j, pt.n:]
-                mb.x, mb.y = z[j, :pt.n], project(v, st.dims, dual=True)
-                mb.s, mb.kinks = mb.y - v, kinks(v, st.dims, dual=True)
+                mb.x, mb.y, mb.s = z[j, :pt.n], y_all[j], y_all[j] - v[j]
+                mb.kinks = kinks(v[j], st.dims, dual=True)
     else:
         systems = SparseSystems([mb and mb.derivative for mb in members], device)
     x, y, s = (np.zeros((B, size)) for size in (pt.n, pt.m, pt.m))
@@ -226,12 +264,15 @@ def conic(A, b, c, cones, *, P=None, return_duals: bool = False, refine: bool = 
     CPU count), and the derivatives of the whole batch come from one batched factorization
     (:class:`ConicSolve`).
 
-    ``solver`` is ``"scs"`` (or ``"auto"``) or ``"clarabel"`` (an optional dependency; its
-    answer is translated to SCS's conventions). ``refine`` polishes the solver's point by
+    ``solver`` is ``"scs"`` (or ``"auto"``), ``"clarabel"`` (an optional dependency; its
+    answer is translated to SCS's conventions) or ``"ipm"`` (the batched torch interior
+    point of :mod:`~torchdiffopt.solvers.conic_ipm`: zero, nonnegative and second-order
+    cones; the batch in one call on the data's device). ``refine`` polishes the solver's point by
     Newton steps on the optimality conditions before differentiating (the returned solution
     is the refined one; Clarabel's interior point needs it as much as SCS's point).
     ``solver_options`` go to the solver (e.g. ``{"max_iters": …}`` for SCS,
-    ``{"max_iter": …}`` for Clarabel). Raises the solver's named errors (InfeasibleError,
+    ``{"max_iter": …}`` for Clarabel, ``{"tol": …, "max_iter": …}`` for the interior point).
+    Raises the solver's named errors (InfeasibleError,
     UnboundedError, SolverError, NonconvexError), prefixed with the first failing batch member;
     warns with DegenerateSolutionWarning at degenerate solutions (see
     :mod:`torchdiffopt.backends.conic`). ``backward``, forward-mode AD

@@ -57,11 +57,14 @@ class Layer(torch.nn.Module):
             active set in C, member by member in ``n_jobs`` threads, LPs too) or ``"auto"``
             (for problems held densely, DAQP on the CPU and the IPM on CUDA; HiGHS/SCS for
             problems too large to hold densely); for the conic backend ``"scs"`` (also
-            ``"auto"``) or ``"clarabel"`` (which makes ``backend=None`` pick the conic backend
-            for LPs and QPs too); the nonlinear backend uses SLSQP.
+            ``"auto"``), ``"clarabel"`` (which makes ``backend=None`` pick the conic backend
+            for LPs and QPs too) or ``"ipm"`` (the batched conic interior point in torch:
+            zero, nonnegative and second-order cones, the whole batch in one call, CPU or
+            CUDA); the nonlinear backend uses SLSQP.
         backend: ``"quadratic"``, ``"nonlinear"``, ``"conic"`` or ``None`` (the model's:
             ``"auto"`` picks by the problem class). The conic backend solves members with
-            SCS or Clarabel (in ``n_jobs`` threads) and differentiates the batch at once,
+            SCS or Clarabel (in ``n_jobs`` threads), or the whole batch with its interior
+            point, and differentiates the batch at once,
             like the quadratic one (``torch.func`` transforms while ``M`` is held densely);
             the nonlinear backend solves members one after the other and supports
             ``backward``, forward-mode AD, ``vmap`` and :meth:`jacobian`.

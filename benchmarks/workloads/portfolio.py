@@ -23,7 +23,7 @@ from workloads.common import ours_methods
 
 ASSETS, FACTORS, SIGMA = 50, 5, 0.1
 FULL_BATCH, QUICK_BATCH = 64, 4
-CONIC_SOLVERS = ("scs", "clarabel")
+CONIC_SOLVERS = ("scs", "clarabel", "ipm")
 
 
 def _layer(S: np.ndarray, solver: str) -> tdo.Layer:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ..linalg.factorization import DENSE_MAX_ORDER, DenseFactorization
-from .cones import projection_derivative
+from .cones import project_rows, projection_derivative_rows
 from .conic import newton_refine
 
 _F64 = torch.float64
@@ -102,36 +102,48 @@ class DenseSystems:
         return v @ self.D.transpose(-1, -2)
 
 
-def refine_dense(pattern: ConicPattern, maps: list, z: np.ndarray, P_vals, A_vals, valid,
+def refine_dense(pattern: ConicPattern, dims, z: np.ndarray, P_vals, c, A_vals, b, valid,
                  refine: bool = True):
-    """The valid members' points ``z = (u, v)`` (``(B, n + m)``; ``maps``: each member's
-    :class:`~torchdiffopt.backends.conic.ResidualMap`, None where invalid) refined by
-    :func:`~torchdiffopt.backends.conic.newton_refine` with every ``M`` factorized once at the
-    solvers' points, and :class:`DenseSystems` at the returned points: ``(z, systems)``."""
+    """The valid members' points ``z = (u, v)`` (``(B, n + m)``) of the batch's programs
+    (the entries ``P_vals``, ``A_vals`` and ``c``, ``b``, float64; cones ``dims``) refined
+    by :func:`~torchdiffopt.backends.conic.newton_refine` with every ``M`` factorized once
+    at the solvers' points, and :class:`DenseSystems` at the returned points:
+    ``(z, systems)``. The residual map ``R(u, v) = [P u + Aᵀ Π_{K*}(v) + c ;
+    b − A u + v − Π_{K*}(v)]`` is evaluated for the whole batch at once."""
     n, m = pattern.n, pattern.m
+    device = valid.device
     members = np.flatnonzero(valid.cpu().numpy())
 
     def linearize(z):
-        D = np.zeros((len(z), m, m))
-        for j in members:
-            D[j] = projection_derivative(z[j, n:], maps[j].dims, dual=True).to_dense()
+        D = projection_derivative_rows(z[:, n:], dims, dual=True)
         return DenseSystems(pattern, P_vals, A_vals, torch.as_tensor(D, dtype=_F64,
-                                                                     device=valid.device), valid)
+                                                                     device=device), valid)
 
     systems = linearize(z)
     if not refine or not len(members):
         return z, systems
 
     def residual(rows, idx):
-        return np.stack([maps[members[i]].R(row[:n], row[n:]) for i, row in zip(idx, rows)])
+        sel = torch.as_tensor(members[idx], device=device)
+        u = torch.as_tensor(rows[:, :n], dtype=_F64, device=device)
+        v = rows[:, n:]
+        y = torch.as_tensor(project_rows(v, dims, dual=True), dtype=_F64, device=device)
+        Pv, Av = P_vals[sel], A_vals[sel]
+        Pu = 0.5 * (pattern.matvec(Pv, "P_rows", "P_cols", u, n)
+                    + pattern.matvec(Pv, "P_cols", "P_rows", u, n))
+        dual = Pu + pattern.matvec(Av, "A_cols", "A_rows", y, n) + c[sel]
+        primal = b[sel] - pattern.matvec(Av, "A_rows", "A_cols", u, m) \
+            + torch.as_tensor(v, dtype=_F64, device=device) - y
+        return torch.cat((dual, primal), -1).cpu().numpy()
 
     def solve(rows, idx):
-        rhs = torch.zeros(len(z), 1, n + m, dtype=_F64, device=valid.device)
-        rhs[members[idx], 0] = torch.as_tensor(rows, dtype=_F64, device=valid.device)
+        rhs = torch.zeros(len(z), 1, n + m, dtype=_F64, device=device)
+        rhs[members[idx], 0] = torch.as_tensor(rows, dtype=_F64, device=device)
         return systems.solve(rhs)[members[idx], 0].cpu().numpy()
 
     start = z[members]
-    floor = np.concatenate([maps[j].floor(z[j:j + 1]) for j in members])
+    scale = torch.cat((b, c), -1).abs().amax(-1).clamp(min=1.0).cpu().numpy()[members]
+    floor = 4 * np.finfo(float).eps * np.maximum(scale, np.abs(start).max(axis=1, initial=0.0))
     refined = newton_refine(start, residual, solve, floor)
     if np.array_equal(refined, start):
         return z, systems

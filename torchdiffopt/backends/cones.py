@@ -59,6 +59,7 @@ about 1e-11 and 1e-15 relative on Friberg's test grid (coordinates ``0, ±e^k``,
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -735,6 +736,45 @@ def project(v, cones, dual: bool = False) -> np.ndarray:
     for g in _groups(dims, dual):
         out[g.idx] = _project_group(g, v[g.idx])
     return out
+
+
+def _over_batch(g: _Group, B: int) -> _Group:
+    """The group for ``B`` stacked copies of its cones (per-cone parameters repeated)."""
+    if isinstance(g.param, np.ndarray):
+        return dataclasses.replace(g, param=np.tile(g.param, B))
+    return g
+
+
+def project_rows(V, cones, dual: bool = False) -> np.ndarray:
+    """:func:`project` of every row of ``V (B, size)``: ``(B, size)``, each cone group
+    projected for the whole batch at once."""
+    dims = ConeDims.from_dict(cones)
+    V = np.asarray(V, dtype=np.float64)
+    out = np.empty_like(V)
+    for g in _groups(dims, dual):
+        W = V[:, g.idx]
+        out[:, g.idx] = _project_group(_over_batch(g, len(V)),
+                                       W.reshape(-1, *W.shape[2:])).reshape(W.shape)
+    return out
+
+
+def projection_derivative_rows(V, cones, dual: bool = False) -> np.ndarray:
+    """``DΠ_K`` (``DΠ_{K*}`` with ``dual=True``) at every row of ``V (B, size)``, as dense
+    matrices ``(B, size, size)``; each cone group is differentiated for the whole batch at
+    once."""
+    dims = ConeDims.from_dict(cones)
+    V = np.asarray(V, dtype=np.float64)
+    B, size = V.shape
+    D = np.zeros((B, size, size))
+    for g in _groups(dims, dual):
+        W = V[:, g.idx]
+        blocks = _derivative_group(_over_batch(g, B), W.reshape(-1, *W.shape[2:]))
+        if g.idx.ndim == 1:
+            D[:, g.idx, g.idx] = blocks.reshape(W.shape)
+        else:
+            d = g.idx.shape[1]
+            D[:, g.idx[:, :, None], g.idx[:, None, :]] = blocks.reshape(B, -1, d, d)
+    return D
 
 
 class ProjectionDerivative:

@@ -5,6 +5,7 @@
 
 from .clarabel_conic import require_clarabel, solve_clarabel_conic
 from .cone_program import ConicSolution
+from .conic_ipm import solve_conic_ipm, solve_ipm_conic
 from .daqp import solve_daqp_qp
 from .highs import solve_highs
 from .scs import solve_scs
@@ -12,7 +13,11 @@ from .scs_conic import solve_scs_conic
 from .solution import NumericQP, Solution
 
 QP_SOLVERS = {"highs": solve_highs, "scs": solve_scs, "daqp": solve_daqp_qp}
-CONIC_SOLVERS = {"scs": solve_scs_conic, "clarabel": solve_clarabel_conic}
+CONIC_SOLVERS = {"scs": solve_scs_conic, "clarabel": solve_clarabel_conic,
+                 "ipm": solve_ipm_conic}
+#: the batched form of a conic adapter, where it has one: the conic layer solves a whole
+#: batch with it in one call
+BATCHED_CONIC_SOLVERS = {solve_ipm_conic: solve_conic_ipm}
 
 #: HiGHS's QP solver is an active-set method whose null space is dense (it stops past
 #: 4,000 free directions and slows down well before); larger QPs go to SCS.
@@ -33,17 +38,20 @@ def qp_solver(name: str, problem: NumericQP | None = None):
 
 
 def conic_solver(name: str | None):
-    """The conic solver called ``name``: ``"scs"`` (also for None or ``"auto"``) or
-    ``"clarabel"`` (an ImportError saying how to install it when it is missing)."""
+    """The conic solver called ``name``: ``"scs"`` (also for None or ``"auto"``),
+    ``"clarabel"`` (an ImportError saying how to install it when it is missing) or ``"ipm"``
+    (the batched torch interior point of :mod:`.conic_ipm`: zero, nonnegative and
+    second-order cones, CPU or CUDA)."""
     key = "scs" if name in (None, "auto") else str(name).lower()
     if key not in CONIC_SOLVERS:
-        raise ValueError(f"the conic backend solves with SCS ('scs' or 'auto') or Clarabel "
-                         f"('clarabel'), got solver={name!r}")
+        raise ValueError(f"the conic backend solves with SCS ('scs' or 'auto'), Clarabel "
+                         f"('clarabel') or its batched interior point ('ipm'), got "
+                         f"solver={name!r}")
     if key == "clarabel":
         require_clarabel()
     return CONIC_SOLVERS[key]
 
 
-__all__ = ["ConicSolution", "NumericQP", "Solution", "conic_solver", "qp_solver",
-           "solve_clarabel_conic", "solve_daqp_qp", "solve_highs", "solve_scs",
-           "solve_scs_conic"]
+__all__ = ["BATCHED_CONIC_SOLVERS", "ConicSolution", "NumericQP", "Solution", "conic_solver",
+           "qp_solver", "solve_clarabel_conic", "solve_conic_ipm", "solve_daqp_qp", "solve_highs",
+           "solve_ipm_conic", "solve_scs", "solve_scs_conic"]

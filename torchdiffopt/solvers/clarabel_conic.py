@@ -28,6 +28,8 @@ checked (:func:`~.cone_program.certify`) and the conic backend refines it by New
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import scipy.sparse as sp
 
@@ -57,11 +59,17 @@ def require_clarabel():
     return clarabel
 
 
-def clarabel_cones(cones) -> tuple[list, sp.csr_matrix, sp.csr_matrix]:
+def clarabel_cones(cones) -> tuple[list, sp.csr_matrix | None, sp.csr_matrix | None]:
     """Clarabel's cones for SCS's ``cones`` (same row order), with the row map ``W`` and
-    ``W⁻¹`` of the module docstring (``s' = W s``)."""
+    ``W⁻¹`` of the module docstring (``s' = W s``); both None where ``W`` is the identity
+    (no PSD, dual exponential or dual power cone)."""
+    return _clarabel_cones(ConeDims.from_dict(cones))
+
+
+@lru_cache(maxsize=64)
+def _clarabel_cones(dims: ConeDims):
+    """:func:`clarabel_cones`, cached: a batch asks again for the same cones per member."""
     clarabel = require_clarabel()
-    dims = ConeDims.from_dict(cones)
     out = []
     if dims.z:
         out.append(clarabel.ZeroConeT(dims.z))
@@ -95,6 +103,9 @@ def clarabel_cones(cones) -> tuple[list, sp.csr_matrix, sp.csr_matrix]:
     b_cols = np.broadcast_to(first + np.arange(3), blocks.shape).ravel()
     ones = np.ones(len(rows))
 
+    if not (dims.s or dims.ed or any(a < 0 for a in dims.p)):
+        return out, None, None
+
     def matrix(values, r, c):
         return sp.csr_matrix((values, (r, c)), shape=(m, m))
 
@@ -125,8 +136,8 @@ def solve_clarabel_conic(A, b, c, cones, P=None, *, accept: float = ACCEPT_RESID
             raise ValueError(f"unknown Clarabel setting {key!r}")
         setattr(settings, key, value)
     P_upper = sp.csc_matrix((n, n)) if pr.P is None else sp.triu(pr.P, format="csc")
-    result = clarabel.DefaultSolver(P_upper, pr.c, sp.csc_matrix(W @ pr.A), W @ pr.b, K,
-                                    settings).solve()
+    A, b = (pr.A, pr.b) if W is None else (sp.csc_matrix(W @ pr.A), W @ pr.b)
+    result = clarabel.DefaultSolver(P_upper, pr.c, A, b, K, settings).solve()
     status, iters = str(result.status), int(result.iterations)
     if status in _INFEASIBLE:
         raise InfeasibleError(f"infeasible: Clarabel found a certificate that no x gives "
@@ -137,6 +148,7 @@ def solve_clarabel_conic(A, b, c, cones, P=None, *, accept: float = ACCEPT_RESID
     if status not in _SOLVED:
         raise SolverError(f"Clarabel stopped without a solution (status {status!r} after "
                           f"{iters} iterations)")
-    y = W.T @ np.asarray(result.z, dtype=np.float64)
-    s = W_inv @ np.asarray(result.s, dtype=np.float64)
+    y, s = (np.asarray(v, dtype=np.float64) for v in (result.z, result.s))
+    if W is not None:
+        y, s = W.T @ y, W_inv @ s
     return certify(pr, result.x, y, s, "Clarabel", status, iters, accept)
