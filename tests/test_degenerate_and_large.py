@@ -150,8 +150,9 @@ def test_kkt_pseudo_inverse_shortcut_equals_the_full_one(monkeypatch):
     """The shortcuts for K = [[γI, Gᵀ], [G, D]] (γ = 0: an LP, γ > 0: a ridge-smoothed
     LP; G with dependent rows, as at a degenerate vertex; D = 1 on the zero rows of G) equal
     torch's pseudo-inverse of the whole matrix, in a batch that also holds a QP member with
-    another P, which goes the general way: the SVD where G has rank < n, the normal
-    equations where G has full column rank (the LP vertex of W3)."""
+    another P, which goes the general way: the Gram matrix's eigendecomposition where G has
+    rank < n, the normal equations where G has full column rank (the LP vertex of W3), no
+    SVD."""
     import torchdiffopt.backends.batched_quadratic as bq
     from torchdiffopt.backends.batched_quadratic import _kkt_pseudo_inverse
 
@@ -185,7 +186,46 @@ def test_kkt_pseudo_inverse_shortcut_equals_the_full_one(monkeypatch):
     assert (_kkt_pseudo_inverse(Ks, n, rtol) - expected).abs().max() < 1e-10
     # a batch of P = γI members only
     assert (_kkt_pseudo_inverse(Ks[:5], n, rtol) - expected[:5]).abs().max() < 1e-10
-    assert svd_calls == [3, 3]            # the two full-rank members took the Cholesky
+    assert svd_calls == []
+
+
+def test_kkt_pseudo_inverse_takes_the_svd_where_the_gram_matrix_cannot_resolve_G():
+    """Singular values of G at 1e-4 and 1e-7 of the largest square to 1e-8 and 1e-14. The
+    first the Gram matrix resolves (its pseudo-inverse passes the Penrose check and equals
+    torch's pseudo-inverse of K); the second falls below its round-off, is dropped, fails the
+    check, and that member alone takes the SVD, which keeps it: its block ``G⁺`` of ``K⁺``
+    equals torch's pseudo-inverse of G (K's own pair eigenvalue, near 1e-14, is beyond an
+    eigendecomposition's resolution)."""
+    import torchdiffopt.backends.batched_quadratic as bq
+
+    gen = torch.Generator().manual_seed(2)
+    n, k, gamma = 5, 9, 0.2
+    Ks, Gs = [], []
+    for small in (0.0, 1e-4, 1e-7):
+        G = torch.randn(k, n, dtype=torch.float64, generator=gen)
+        G[:, 0] = small * torch.randn(k, dtype=torch.float64, generator=gen)
+        G[-2:] = 0.0
+        G[3] = G[0] + G[1]
+        D = torch.diag((G == 0).all(-1).to(torch.float64))
+        P = gamma * torch.eye(n, dtype=torch.float64)
+        Ks.append(torch.cat((torch.cat((P, G.T), 1), torch.cat((G, D), 1)), 0))
+        Gs.append(G)
+    Ks = torch.stack(Ks)
+    svd_calls = []
+    svd = bq._svd_kkt_pseudo_inverse
+
+    def counted(G, *args):
+        svd_calls.append(len(G))
+        return svd(G, *args)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bq, "_svd_kkt_pseudo_inverse", counted)
+        X = bq._kkt_pseudo_inverse(Ks, n, 1e3 * torch.finfo(torch.float64).eps * (n + k))
+    assert svd_calls == [1]
+    expected = torch.linalg.pinv(Ks[:2], hermitian=True)
+    error = (X[:2] - expected).abs().amax((-2, -1)) / expected.abs().amax((-2, -1))
+    assert (error < 1e-8).all()
+    G_pinv = torch.linalg.pinv(Gs[2], rtol=1e-12)
+    assert (X[2, :n, n:] - G_pinv).abs().max() <= 1e-6 * G_pinv.abs().max()
 
 
 def test_active_set_factorization_schur_members_and_the_rest():
