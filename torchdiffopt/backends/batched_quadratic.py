@@ -111,7 +111,9 @@ def _scalar_kkt_pseudo_inverse(K, n, gamma, rtol):
     if len(candidates):
         Gc = G[candidates]
         L, info = torch.linalg.cholesky_ex(Gc.mT @ Gc)
-        factored = info == 0
+        # a rank-deficient G (dependent columns: a cycle of free edges in W3's QPTL) shows
+        # in the pivots; its members go on to the Gram matrix without a solve and a check
+        factored = (info == 0) & _well_pivoted(L)
         candidates, Gc, L = candidates[factored], Gc[factored], L[factored]
         G_pinv = torch.cholesky_solve(Gc.mT.contiguous(), L)
         left_error = (G_pinv @ Gc - eye).abs().amax((-2, -1))
