@@ -167,7 +167,18 @@ def portfolio_layer(solver, assets=8, seed=0):
     return tdo.Layer(m, parameters=[mu], outputs=w)
 
 
-def test_layer_with_the_interior_point_matches_scs_and_finite_differences():
+@pytest.fixture
+def no_scs_retry(monkeypatch):
+    """Makes SCS unavailable to the conic layer's retry of members the interior point gave
+    up on: a test that passes with it ran on the interior point alone."""
+    import torchdiffopt.conic_function as cf
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the SCS retry ran")
+    monkeypatch.setattr(cf, "solve_scs_conic", refuse)
+
+
+def test_layer_with_the_interior_point_matches_scs_and_finite_differences(no_scs_retry):
     mu = torch.tensor(np.random.default_rng(5).normal(0.05, 0.1, size=(6, 8)))
     ipm, scs = portfolio_layer("ipm"), portfolio_layer("scs")
     weights = torch.randn(6, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
@@ -187,7 +198,41 @@ def test_layer_with_the_interior_point_matches_scs_and_finite_differences():
     assert abs(float((grads[0][1] * v).sum() - fd)) <= 1e-6 * max(1.0, abs(float(fd)))
 
 
-def test_layer_with_the_interior_point_reports_failed_members():
+def test_members_the_interior_point_gives_up_on_go_to_scs():
+    """Two iterations are not enough: every member comes back "not converged" from the
+    interior point, is solved again by SCS, and the layer returns SCS's answer."""
+    import torchdiffopt.conic_function as cf
+
+    mu = torch.tensor(np.random.default_rng(9).normal(0.05, 0.1, size=(3, 8)))
+    m_short = portfolio_layer("ipm")
+    m_short.structure.solver_options["max_iter"] = 2
+    calls = []
+    scs = cf.solve_scs_conic
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return scs(*args, **kwargs)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cf, "solve_scs_conic", counted)
+        out = m_short(mu)
+    assert len(calls) == 3 and m_short.last_status == ["optimal"] * 3
+    torch.testing.assert_close(out, portfolio_layer("scs")(mu), atol=1e-9, rtol=0)
+
+
+def test_unsupported_programs_are_refused_when_the_layer_is_built():
+    m = tdo.Model(solver="ipm", backend="conic")
+    x = m.variable(2, name="x")
+    m.constraint(tdo.PSD(np.eye(2) + x[0] * np.diag([1.0, -1.0])))
+    m.minimize(x.sum())
+    with pytest.raises(ValueError, match="second-order cones only"):
+        tdo.Layer(m, parameters=[], outputs=x)
+    with pytest.raises(ValueError, match="unknown option"):
+        tdo.functional.conic(torch.eye(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64),
+                             torch.ones(2, dtype=torch.float64), {"l": 2}, solver="ipm",
+                             solver_options={"eps_abs": 1e-9})
+
+
+def test_layer_with_the_interior_point_reports_failed_members(no_scs_retry):
     """A radius below zero empties ‖x‖ ≤ r for that member alone."""
     m = tdo.Model(solver="ipm", backend="conic")
     x = m.variable(3, name="x")
@@ -205,7 +250,7 @@ def test_layer_with_the_interior_point_reports_failed_members():
     assert torch.isnan(out[1]).all()
 
 
-def test_functional_conic_with_the_interior_point():
+def test_functional_conic_with_the_interior_point(no_scs_retry):
     """``functional.conic(..., solver="ipm")``: SCS's answer and gradients on a batch, and a
     named error for the member that has no solution."""
     data, _ = known_programs(np.random.default_rng(8), 3, 12, CONES)

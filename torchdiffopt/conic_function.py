@@ -41,9 +41,11 @@ from .backends.batched_conic import (BatchedConicDerivative, ConicPattern, Spars
 from .backends.conic import ConicDerivative
 from .backends.cones import ConeDims, kinks, project_rows
 from .errors import NonconvexError, warn_degenerate
+from .linalg.factorization import DENSE_MAX_ORDER
 from .qp_function import _positive_definite, reject_nested_derivatives, vmap_by_folding
 from .solvers import BATCHED_CONIC_SOLVERS, conic_solver, solve_scs_conic
 from .solvers.batch import record_outcomes, solve_each, status_of
+from .solvers.conic_ipm import solve_ipm_conic, supports
 from .solvers.ipm import OPTIMAL, status_error
 
 _F64 = torch.float64
@@ -60,6 +62,25 @@ class ConicStructure:
         self.pattern, self.dims = pattern, ConeDims.from_dict(cones)
         self.solve, self.solver_options = solve, dict(solver_options or {})
         self.refine, self.n_jobs, self.nonconvex_error = refine, n_jobs, nonconvex_error
+        if solve is solve_ipm_conic:
+            _check_ipm(self)
+
+
+def _check_ipm(st: ConicStructure) -> None:
+    """The conic interior point takes zero, nonnegative and second-order cones, programs
+    held densely, and the options ``tol`` and ``max_iter``: anything else is refused when
+    the layer is built, not member by member."""
+    if not supports(st.dims):
+        raise ValueError("solver='ipm' takes zero, nonnegative and second-order cones only; "
+                         "use 'scs' or 'clarabel' for PSD, exponential and power cones")
+    if not st.pattern.dense:
+        raise ValueError(f"solver='ipm' holds the programs densely (n + m up to "
+                         f"{DENSE_MAX_ORDER}, here {st.pattern.n + st.pattern.m}); use 'scs' "
+                         "or 'clarabel'")
+    unknown = set(st.solver_options) - {"tol", "max_iter"}
+    if unknown:
+        raise ValueError(f"unknown option(s) {sorted(unknown)} for solver='ipm' (it takes "
+                         "'tol' and 'max_iter')")
 
 
 class ConicCall:

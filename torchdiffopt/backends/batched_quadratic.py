@@ -127,7 +127,7 @@ def _scalar_kkt_pseudo_inverse(K, n, gamma, rtol):
         out[full_rank] = torch.cat((top, torch.cat((X.mT, Dk - gk * (X.mT @ X)), -1)), -2)
     rest = (~full_rank).nonzero().squeeze(-1)
     if len(rest):
-        K_rest, by_gram = _gram_kkt_pseudo_inverse(G[rest], D[rest], g[rest])
+        K_rest, by_gram = _gram_kkt_pseudo_inverse(G[rest], D[rest], g[rest], rtol)
         out[rest[by_gram]] = K_rest[by_gram]
         left = rest[~by_gram]
         if len(left):
@@ -141,29 +141,33 @@ def _scalar_kkt_pseudo_inverse(K, n, gamma, rtol):
 PENROSE_TOL = 1e-10
 
 
-def _gram_kkt_pseudo_inverse(G, D, g):
+def _gram_kkt_pseudo_inverse(G, D, g, rtol):
     """``K⁺`` of :func:`_kkt_pseudo_inverse` from the eigendecomposition of the Gram matrix
     ``GᵀG = V Λ Vᵀ`` (n × n) instead of the SVD of ``G``: ``Σ² = Λ`` on the kept
     eigenvalues, ``U Σ⁻¹ = G V Λ⁻¹`` and ``G⁺ = V Λ⁻¹ Vᵀ Gᵀ``. On W3's QPTL members (64 slots,
     40 variables, both rows and columns dependent) that takes 36 ms for 256 members where
-    the SVD takes 86. Squaring the singular values hides those below about 1e-7 of the
-    largest, and the rank is decided on ``Λ`` at round-off (``1e3 · ε · n · λ_max``): the
-    result is kept only for members where it satisfies the Penrose conditions
-    ``G G⁺ G = G`` and ``G⁺ G G⁺ = G⁺`` to :data:`PENROSE_TOL`, which a dropped small
-    singular value, or a kept one inaccurate from the squaring, violates. Returns the
-    matrices and the mask of accepted members."""
+    the SVD takes 86. Squaring the singular values loses those below about 1e-6 of the
+    largest in ``Λ``'s round-off, so eigenvalues below ``1e3 · ε · n · λ_max`` are dropped,
+    and a member is kept only where that decision is the SVD's, ``‖G v_j‖ ≤ rtol · σ_max``
+    for every dropped eigenvector ``v_j`` (``‖G v_j‖`` is its singular value, computed from
+    ``G`` itself), and where the result satisfies the Penrose conditions ``G G⁺ G = G`` and
+    ``G⁺ G G⁺ = G⁺`` to :data:`PENROSE_TOL` (which an inaccurate small kept eigenvalue
+    violates). Returns the matrices and the mask of accepted members."""
     n = G.shape[-1]
     lam, V = torch.linalg.eigh(G.mT @ G)
     top = lam[..., -1:].clamp_min(torch.finfo(G.dtype).tiny)
     kept = lam > 1e3 * torch.finfo(G.dtype).eps * n * top
-    V = V * kept.unsqueeze(-2)
-    U_inv = G @ (V * torch.where(kept, 1.0 / torch.where(kept, lam, 1.0), 0.0).unsqueeze(-2))
-    G_pinv = V @ U_inv.mT
+
     def size(M):  # entrywise maximum, zero for an empty matrix (no active row)
         return _amax(M.flatten(-2).abs())
 
+    dropped = _amax(torch.linalg.vector_norm(G @ (V * ~kept.unsqueeze(-2)), dim=-2))
+    V = V * kept.unsqueeze(-2)
+    U_inv = G @ (V * torch.where(kept, 1.0 / torch.where(kept, lam, 1.0), 0.0).unsqueeze(-2))
+    G_pinv = V @ U_inv.mT
     tiny = torch.finfo(G.dtype).tiny
-    accepted = ((size(G @ G_pinv @ G - G) <= PENROSE_TOL * size(G).clamp_min(tiny))
+    accepted = ((dropped <= rtol * top.squeeze(-1).sqrt())
+                & (size(G @ G_pinv @ G - G) <= PENROSE_TOL * size(G).clamp_min(tiny))
                 & (size(G_pinv @ G @ G_pinv - G_pinv)
                    <= PENROSE_TOL * size(G_pinv).clamp_min(tiny)))
     eye = torch.eye(n, dtype=G.dtype, device=G.device)

@@ -62,8 +62,10 @@ def require_clarabel():
 def clarabel_cones(cones) -> tuple[list, sp.csr_matrix | None, sp.csr_matrix | None]:
     """Clarabel's cones for SCS's ``cones`` (same row order), with the row map ``W`` and
     ``W⁻¹`` of the module docstring (``s' = W s``); both None where ``W`` is the identity
-    (no PSD, dual exponential or dual power cone)."""
-    return _clarabel_cones(ConeDims.from_dict(cones))
+    (no PSD, dual exponential or dual power cone). The list is the caller's own (the
+    cached one stays untouched)."""
+    out, W, W_inv = _clarabel_cones(ConeDims.from_dict(cones))
+    return list(out), W, W_inv
 
 
 @lru_cache(maxsize=64)
@@ -104,14 +106,14 @@ def _clarabel_cones(dims: ConeDims):
     ones = np.ones(len(rows))
 
     if not (dims.s or dims.ed or any(a < 0 for a in dims.p)):
-        return out, None, None
+        return tuple(out), None, None
 
     def matrix(values, r, c):
         return sp.csr_matrix((values, (r, c)), shape=(m, m))
 
     W = matrix(np.r_[ones, blocks.ravel()], np.r_[rows, b_rows], np.r_[cols, b_cols])
     W_inv = matrix(np.r_[ones, inverses.ravel()], np.r_[cols, b_rows], np.r_[rows, b_cols])
-    return out, W, W_inv
+    return tuple(out), W, W_inv
 
 
 def solve_clarabel_conic(A, b, c, cones, P=None, *, accept: float = ACCEPT_RESIDUAL,

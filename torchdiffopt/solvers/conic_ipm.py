@@ -32,8 +32,9 @@ complementarity ``λ ∘ (W Δy + W⁻¹ Δs) = −d`` in the cones' Jordan prod
 :mod:`.ipm`, Δs and Δκ are eliminated, Δτ is recovered from the solve with ``[−c; b]``, and
 what is left is ``[[P, Aᵀ], [A, −W²]]`` (zero in place of ``W²`` on the zero rows), reduced
 to ``P + (W⁻¹A)ᵀ(W⁻¹A)`` (``A_zᵀA_z / δ`` for the zero rows) and factored by one batched
-Cholesky, retried with ρI added where it fails; the corrector is refined against the
-exact system.
+Cholesky, retried with ρI added where it fails; every solve (the part in Δτ, the
+predictor and the corrector) is refined against the exact system while its residual is
+above round-off.
 
 Stopping rules, per member, are :mod:`.ipm`'s (relative primal and dual residuals and gap
 below ``tol``; Farkas certificates of primal or dual infeasibility, the latter confirmed by
@@ -54,10 +55,8 @@ from .ipm import (DUAL_INFEASIBLE, DUAL_REGULARIZATION, INFEASIBILITY_TOL, MAX_F
                   NOT_CONVERGED, OPTIMAL, PRIMAL_INFEASIBLE, PRIMAL_REGULARIZATION,
                   REFINEMENT_RTOL, STEP_FRACTION, _dot, _inf_norm, status_error)
 
-#: iterative refinement sweeps of a Newton solve, at most: for the corrector's, and for
-#: the solve that precedes it (the part in Δτ and the predictor)
+#: iterative refinement sweeps of a Newton solve, at most
 REFINEMENT_STEPS = 3
-SWEEPS_BEFORE_CORRECTOR = 0
 
 
 def supports(cones) -> bool:
@@ -80,6 +79,13 @@ class ConicIPMResult:
     s: torch.Tensor
     status: torch.Tensor
     iterations: torch.Tensor
+
+
+def _lorentz_square(V):
+    """``v₀² − ‖v₁‖²`` over the last dimension, as ``(v₀ − ‖v₁‖)(v₀ + ‖v₁‖)``: the difference
+    of squares cancels near a cone's boundary, the product keeps its relative accuracy."""
+    norm = torch.linalg.vector_norm(V[..., 1:], dim=-1)
+    return (V[..., 0] - norm) * (V[..., 0] + norm)
 
 
 class _Cones:
@@ -147,7 +153,7 @@ class _Cones:
         blocks = []
         for X, Y in zip(L, W):
             l0, l1, w0, w1 = X[..., :1], X[..., 1:], Y[..., :1], Y[..., 1:]
-            det = l0 * l0 - (l1 * l1).sum(-1, keepdim=True)
+            det = _lorentz_square(X).unsqueeze(-1)
             r0 = (l0 * w0 - (l1 * w1).sum(-1, keepdim=True)) / det
             blocks.append(torch.cat([r0, (w1 - r0 * l1) / l0], -1))
         return self.join(w_l / l_l, blocks)
@@ -161,7 +167,7 @@ class _Cones:
         for V, D in zip(Vs, Ds):
             a = D[..., 0] ** 2 - (D[..., 1:] ** 2).sum(-1)
             half_b = V[..., 0] * D[..., 0] - (V[..., 1:] * D[..., 1:]).sum(-1)
-            c = (V[..., 0] ** 2 - (V[..., 1:] ** 2).sum(-1)).clamp(min=0.0)
+            c = _lorentz_square(V).clamp(min=0.0)
             disc = (half_b * half_b - a * c).clamp(min=0.0).sqrt()
             # roots c / q and q / a with q = −(b/2 + sign(b/2) √disc): no cancellation
             q = -(half_b + torch.where(half_b >= 0, disc, -disc))
@@ -169,8 +175,10 @@ class _Cones:
             r1 = torch.where(q != 0, c / q, inf)
             r2 = torch.where(a != 0, q / a, inf)
             root = torch.minimum(torch.where(r1 > 0, r1, inf), torch.where(r2 > 0, r2, inf))
-            # no real root (then a > 0): f > 0 on the whole ray, which stays inside
-            ratios.append(torch.where(half_b * half_b >= a * c, root, inf))
+            # no real root (then a > 0): f > 0 on the whole ray, which stays inside; v on
+            # the boundary (c = 0 by round-off) with the ray pointing out: no step at all
+            root = torch.where(half_b * half_b >= a * c, root, inf)
+            ratios.append(torch.where((c <= 0) & (half_b < 0), 0.0, root))
         return torch.cat(ratios, -1).amin(-1).clamp(max=1.0) if self.size else \
             v.new_ones(v.shape[:1])
 
@@ -186,8 +194,8 @@ class _Scaling:
         self.w = (s_l / y_l).sqrt().unsqueeze(-1)
         self.soc = []
         for S, Y in zip(Ss, Ys):
-            s_norm = (S[..., 0] ** 2 - (S[..., 1:] ** 2).sum(-1)).clamp(min=0.0).sqrt()
-            y_norm = (Y[..., 0] ** 2 - (Y[..., 1:] ** 2).sum(-1)).clamp(min=0.0).sqrt()
+            s_norm = _lorentz_square(S).clamp(min=0.0).sqrt()
+            y_norm = _lorentz_square(Y).clamp(min=0.0).sqrt()
             S_bar = S / s_norm.unsqueeze(-1)
             Y_bar = Y / y_norm.unsqueeze(-1)
             gamma = ((1.0 + (S_bar * Y_bar).sum(-1)) / 2.0).clamp(min=0.0).sqrt()
@@ -403,21 +411,21 @@ def _iterate(P, c, A, b, mz, cones: _Cones, tol, max_iter):
             break
 
         # frozen members keep a harmless scaling (their steps are discarded)
-        go = running.unsqueeze(-1)
         e = cones.identity
         yc = y[:, mz:]
-        scaling = _Scaling(cones, torch.where(go, s, e), torch.where(go, yc, e))
+        inside = running.unsqueeze(-1)
+        scaling = _Scaling(cones, torch.where(inside, s, e), torch.where(inside, yc, e))
         newton = _Newton(P, A, mz, scaling)
         record(running & ~newton.ok, torch.full_like(verdict, NOT_CONVERGED))
         running &= newton.ok
+        go = running.unsqueeze(-1)
         iterations += running
         lam = scaling.lam
         c_xi = c + 2.0 * Px / tau.unsqueeze(-1)
         # K⁻¹[−c; b], the part in Δτ, and the predictor's K⁻¹ (its complementarity term
         # W(λ⋄(λ∘λ)) = Wλ = s), in one solve
         both = newton.solve(torch.stack([torch.cat([-c, b], -1),
-                                         torch.cat([-r1, -r2 + pad(s)], -1)], -1),
-                            SWEEPS_BEFORE_CORRECTOR)
+                                         torch.cat([-r1, -r2 + pad(s)], -1)], -1))
         x2, y2 = both[:, :n, 0], both[:, n:, 0]
 
         def direction(sol, d_tau, d_kappa, keep):
