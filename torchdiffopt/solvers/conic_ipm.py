@@ -51,9 +51,9 @@ import torch
 
 from ..backends.cones import ConeDims
 from .cone_program import ACCEPT_RESIDUAL, ConicSolution, certify, cone_program
-from .ipm import (DUAL_INFEASIBLE, DUAL_REGULARIZATION, INFEASIBILITY_TOL, MAX_FACTOR_RETRIES,
-                  NOT_CONVERGED, OPTIMAL, PRIMAL_INFEASIBLE, PRIMAL_REGULARIZATION,
-                  REFINEMENT_RTOL, STEP_FRACTION, _dot, _inf_norm, status_error)
+from .ipm import (DUAL_INFEASIBLE, DUAL_REGULARIZATION, NOT_CONVERGED, OPTIMAL,
+                  PRIMAL_INFEASIBLE, REFINEMENT_RTOL, STEP_FRACTION, _dot, _inf_norm,
+                  cholesky_with_retries, status_error, stopping_verdict)
 
 #: iterative refinement sweeps of a Newton solve, at most
 REFINEMENT_STEPS = 3
@@ -232,19 +232,7 @@ class _Newton:
         self.n = A.shape[-1]
         self.G = torch.cat([A[:, :mz] / DUAL_REGULARIZATION ** 0.5,
                             scaling.apply(A[:, mz:], -1)], 1)
-        K = torch.baddbmm(P, self.G.mT, self.G)
-        L, info = torch.linalg.cholesky_ex(K)
-        failed = info != 0
-        rho = PRIMAL_REGULARIZATION
-        eye = torch.eye(self.n, dtype=K.dtype, device=K.device)
-        for _ in range(MAX_FACTOR_RETRIES):
-            if not bool(failed.any()):
-                break
-            idx = failed.nonzero().squeeze(-1)
-            L[idx], info = torch.linalg.cholesky_ex(K[idx] + rho * eye)
-            failed[idx] = info != 0
-            rho *= 100.0
-        self.L, self.ok = L, ~failed
+        self.L, self.ok = cholesky_with_retries(torch.baddbmm(P, self.G.mT, self.G))
 
     def _scaled(self, v):
         """``[v_z/√δ; W⁻¹v_c]``: a dual-row vector in the units of ``G``."""
@@ -347,7 +335,6 @@ def _iterate(P, c, A, b, mz, cones: _Cones, tol, max_iter):
     B, n = c.shape
     m = b.shape[1]
     norm_c, norm_b = _inf_norm(c), _inf_norm(b)
-    infeasibility_tol = max(tol, INFEASIBILITY_TOL)
 
     def pad(v):  # cone-row values → all rows
         return torch.cat([v.new_zeros(v.shape[0], mz, *v.shape[2:]), v], 1)
@@ -386,23 +373,9 @@ def _iterate(P, c, A, b, mz, cones: _Cones, tol, max_iter):
         r3 = cx + by + xPx / tau + kappa
 
         t2 = tau * tau
-        primal_obj = 0.5 * xPx / t2 + cx / tau
-        dual_obj = -0.5 * xPx / t2 - by / tau
-        optimal = (
-            (_inf_norm(r2) <= tol * (tau + torch.maximum(
-                tau * norm_b, torch.maximum(_inf_norm(Ax), _inf_norm(s)))))
-            & (_inf_norm(r1) <= tol * (tau + torch.maximum(
-                tau * norm_c, torch.maximum(_inf_norm(Px), _inf_norm(Aty)))))
-            & (sy <= tol * t2 * torch.clamp(
-                torch.minimum(primal_obj.abs(), dual_obj.abs()), min=1.0)))
-        primal_infeasible = (by < 0) & (_inf_norm(Aty) <= infeasibility_tol * -by)
-        dual_infeasible = ((cx < 0) & (_inf_norm(Px) <= infeasibility_tol * -cx)
-                           & (_inf_norm(Ax + pad(s)) <= infeasibility_tol * -cx))
-        finite = torch.stack([tau, kappa, x.sum(-1), y.sum(-1), s.sum(-1)]).isfinite().all(0)
-        verdict = torch.where(optimal, OPTIMAL, torch.where(
-            primal_infeasible, PRIMAL_INFEASIBLE, torch.where(
-                dual_infeasible, DUAL_INFEASIBLE, NOT_CONVERGED)))
-        finished = running & (optimal | primal_infeasible | dual_infeasible | ~finite)
+        verdict, done = stopping_verdict(tol, x, y, pad(s), tau, kappa, Px, Ax, Aty, r1, r2,
+                                         xPx, cx, by, sy, norm_c, norm_b)
+        finished = running & done
         if it == max_iter:
             finished = running
         record(finished, verdict)

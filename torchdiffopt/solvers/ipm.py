@@ -147,6 +147,25 @@ def _matvec(M: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 MAX_OUTER_ENTRIES = 1 << 22
 
 
+def cholesky_with_retries(K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched Cholesky factors of the reduced Newton matrices ``K (B, n, n)``; a member
+    whose factorization fails is retried with ``ρI`` added, ρ = 1e-8, 1e-6, … (at most
+    :data:`MAX_FACTOR_RETRIES` times). Returns ``L`` and the mask of members factored.
+    Shared with :mod:`.conic_ipm`."""
+    L, info = torch.linalg.cholesky_ex(K)
+    failed = info != 0
+    rho = PRIMAL_REGULARIZATION
+    eye = torch.eye(K.shape[-1], dtype=K.dtype, device=K.device)
+    for _ in range(MAX_FACTOR_RETRIES):
+        if not bool(failed.any()):
+            break
+        idx = failed.nonzero().squeeze(-1)
+        L[idx], info = torch.linalg.cholesky_ex(K[idx] + rho * eye)
+        failed[idx] = info != 0
+        rho *= 100.0
+    return L, ~failed
+
+
 class _Newton:
     """One iteration's Newton matrix ``K = [[P, Aᵀ], [A, −diag(h)]]`` and the Cholesky
     factor ``L`` of its regularization, reduced to ``P (+ ρI) + Aᵀ W A`` with ``W = H⁻¹``
@@ -179,18 +198,8 @@ class _Newton:
             K = torch.baddbmm(P.expand(len(w), n, n), A.mT.expand(len(w), n, -1), w * A)
         else:
             K = torch.baddbmm(P, A.mT, w * A)
-        L, info = torch.linalg.cholesky_ex(K)
-        failed = info != 0
-        rho = PRIMAL_REGULARIZATION
-        eye = torch.eye(n, dtype=PA.dtype, device=PA.device)
-        for _ in range(MAX_FACTOR_RETRIES):
-            if not bool(failed.any()):
-                break
-            idx = failed.nonzero().squeeze(-1)
-            L[idx], info = torch.linalg.cholesky_ex(K[idx] + rho * eye)
-            failed[idx] = info != 0
-            rho *= 100.0
-        return cls(PA, h, w, L), ~failed
+        L, ok = cholesky_with_retries(K)
+        return cls(PA, h, w, L), ok
 
     def take(self, sel):
         PA = self.PA if len(self.PA) == 1 else self.PA[sel]
@@ -263,6 +272,42 @@ def _take(keep: torch.Tensor, *tensors: torch.Tensor) -> tuple:
     return tuple(v[keep] for v in tensors)
 
 
+def stopping_verdict(tol, x, z, s, tau, kappa, Px, Ax, Atz, r1, r2, xPx, qx, bz, sz, norm_q,
+                     norm_b):
+    """The stopping rules of the module docstring, per member, at a homogeneous iterate
+    ``(x, z, s, τ, κ)`` on row-scaled data: ``Px``, ``Ax``, ``Atz`` its products,
+    ``r1``, ``r2`` its residuals, ``xPx``, ``qx``, ``bz``, ``sz`` its scalar products and
+    ``norm_q``, ``norm_b`` the data's ∞-norms (``s`` on every row, zero on the equality
+    rows). Returns the verdict (:data:`OPTIMAL`, :data:`PRIMAL_INFEASIBLE`,
+    :data:`DUAL_INFEASIBLE`, else :data:`NOT_CONVERGED`) and whether the member is done
+    (one of the first three, or a non-finite iterate). Shared with
+    :mod:`.conic_ipm`."""
+    infeasibility_tol = max(tol, INFEASIBILITY_TOL)
+    t2 = tau * tau
+    primal_obj = 0.5 * xPx / t2 + qx / tau
+    dual_obj = -0.5 * xPx / t2 - bz / tau
+    optimal = (
+        (_inf_norm(r2) <= tol * (tau + torch.maximum(
+            tau * norm_b, torch.maximum(_inf_norm(Ax), _inf_norm(s)))))
+        & (_inf_norm(r1) <= tol * (tau + torch.maximum(
+            tau * norm_q, torch.maximum(_inf_norm(Px), _inf_norm(Atz)))))
+        & (sz <= tol * t2 * torch.clamp(
+            torch.minimum(primal_obj.abs(), dual_obj.abs()), min=1.0))
+    )
+    primal_infeasible = (bz < 0) & (_inf_norm(Atz) <= infeasibility_tol * -bz)
+    dual_infeasible = (
+        (qx < 0)
+        & (_inf_norm(Px) <= infeasibility_tol * -qx)
+        & (_inf_norm(Ax + s) <= infeasibility_tol * -qx)
+    )
+    finite = torch.stack([tau, kappa, x.sum(-1), z.sum(-1), s.sum(-1)]).isfinite().all(0)
+    verdict = torch.where(
+        optimal, OPTIMAL, torch.where(
+            primal_infeasible, PRIMAL_INFEASIBLE, torch.where(
+                dual_infeasible, DUAL_INFEASIBLE, NOT_CONVERGED)))
+    return verdict, optimal | primal_infeasible | dual_infeasible | ~finite
+
+
 @torch.no_grad()
 def solve_ipm(P, q, C, c0, sense, *, tol: float = 1e-10, max_iter: int = 100) -> IPMResult:
     """Solve a batch of convex QPs (LPs when P = 0) by a homogeneous interior point.
@@ -300,7 +345,6 @@ def solve_ipm(P, q, C, c0, sense, *, tol: float = 1e-10, max_iter: int = 100) ->
     if shared and M * n * n <= MAX_OUTER_ENTRIES:
         outer = (A[0].unsqueeze(-1) * A[0].unsqueeze(-2)).flatten(1)
     norm_q, norm_b = _inf_norm(q), _inf_norm(b)
-    infeasibility_tol = max(tol, INFEASIBILITY_TOL)
     n_cone = M - me + 1
 
     def pad(v: torch.Tensor) -> torch.Tensor:  # inequality-row values → all rows
@@ -353,30 +397,10 @@ def solve_ipm(P, q, C, c0, sense, *, tol: float = 1e-10, max_iter: int = 100) ->
         r2 = Ax + s - b * tau.unsqueeze(-1)
         r3 = qx + bz + xPx / tau + kappa
 
-        # stopping rules
         t2 = tau * tau
-        primal_obj = 0.5 * xPx / t2 + qx / tau
-        dual_obj = -0.5 * xPx / t2 - bz / tau
-        optimal = (
-            (_inf_norm(r2) <= tol * (tau + torch.maximum(
-                tau * norm_b, torch.maximum(_inf_norm(Ax), _inf_norm(s)))))
-            & (_inf_norm(r1) <= tol * (tau + torch.maximum(
-                tau * norm_q, torch.maximum(_inf_norm(Px), _inf_norm(Atz)))))
-            & (sz <= tol * t2 * torch.clamp(
-                torch.minimum(primal_obj.abs(), dual_obj.abs()), min=1.0))
-        )
-        primal_infeasible = (bz < 0) & (_inf_norm(Atz) <= infeasibility_tol * -bz)
-        dual_infeasible = (
-            (qx < 0)
-            & (_inf_norm(Px) <= infeasibility_tol * -qx)
-            & (_inf_norm(Ax + s) <= infeasibility_tol * -qx)
-        )
-        finite = torch.stack([tau, kappa, x.sum(-1), z.sum(-1), s.sum(-1)]).isfinite().all(0)
-        verdict = torch.where(
-            optimal, OPTIMAL, torch.where(
-                primal_infeasible, PRIMAL_INFEASIBLE, torch.where(
-                    dual_infeasible, DUAL_INFEASIBLE, NOT_CONVERGED)))
-        finished = running & (optimal | primal_infeasible | dual_infeasible | ~finite)
+        verdict, done = stopping_verdict(tol, x, z, s, tau, kappa, Px, Ax, Atz, r1, r2, xPx,
+                                         qx, bz, sz, norm_q, norm_b)
+        finished = running & done
         if it == max_iter:
             finished = running
         record(finished, verdict)
