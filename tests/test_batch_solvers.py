@@ -9,6 +9,8 @@ solution is strictly complementary, and unique when P is positive definite on th
 of the active rows.
 """
 
+import types
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -415,11 +417,12 @@ def test_daqp_threads_split_the_batch_without_changing_any_member(monkeypatch):
 def test_auto_takes_daqp_on_cpu_and_the_interior_point_on_accelerators():
     from torchdiffopt.qp_function import _batch_solver
 
-    assert _batch_solver("auto", torch.device("cpu")) == "daqp"
-    assert _batch_solver(None, torch.device("cpu")) == "daqp"
-    assert _batch_solver("auto", torch.device("cuda")) == "ipm"
-    assert _batch_solver("ipm", torch.device("cpu")) == "ipm"
-    assert _batch_solver("highs", torch.device("cpu")) is None
+    with_rows = types.SimpleNamespace(n=10, m=4)
+    assert _batch_solver("auto", torch.device("cpu"), with_rows) == "daqp"
+    assert _batch_solver(None, torch.device("cpu"), with_rows) == "daqp"
+    assert _batch_solver("auto", torch.device("cuda"), with_rows) == "ipm"
+    assert _batch_solver("ipm", torch.device("cpu"), with_rows) == "ipm"
+    assert _batch_solver("highs", torch.device("cpu"), with_rows) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
