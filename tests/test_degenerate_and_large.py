@@ -184,8 +184,14 @@ def test_kkt_pseudo_inverse_shortcut_equals_the_full_one(monkeypatch):
         return svd(G, *args)
     monkeypatch.setattr(bq, "_svd_kkt_pseudo_inverse", counted)
     assert (_kkt_pseudo_inverse(Ks, n, rtol) - expected).abs().max() < 1e-10
-    # a batch of P = γI members only
-    assert (_kkt_pseudo_inverse(Ks[:5], n, rtol) - expected[:5]).abs().max() < 1e-10
+    # a batch of P = γI members only: K⁺ in factored form, applied to right-hand sides
+    # (also under vmap) and as a matrix
+    scalar = _kkt_pseudo_inverse(Ks[:5], n, rtol)
+    assert isinstance(scalar, bq.ScalarKKTPseudoInverse)
+    assert (scalar.dense() - expected[:5]).abs().max() < 1e-10
+    rhs = torch.randn(2, 5, n + k, 3, dtype=torch.float64, generator=gen)
+    torch.testing.assert_close(torch.func.vmap(lambda r: scalar @ r)(rhs),
+                               expected[:5] @ rhs, rtol=0, atol=1e-10)
     assert svd_calls == []
 
 
@@ -221,6 +227,7 @@ def test_kkt_pseudo_inverse_takes_the_svd_where_the_gram_matrix_cannot_resolve_G
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(bq, "_svd_kkt_pseudo_inverse", counted)
         X = bq._kkt_pseudo_inverse(Ks, n, 1e3 * torch.finfo(torch.float64).eps * (n + k))
+    X = X.dense()
     # the 1e-7 member takes the SVD (its dropped direction has ‖G v‖ far above the cutoff);
     # whether the 1e-4 one passes the Penrose check depends on the LAPACK build's eigh
     assert any(0 < c < 1e-6 for c in svd_calls) and all(c > 0 for c in svd_calls)
@@ -318,3 +325,42 @@ def test_schur_solves_are_accurate_for_ill_conditioned_P():
     unrefined = primal_error(solve.__self__._apply(rhs))
     lu_error = primal_error(torch.linalg.lu_solve(lu, piv, rhs))
     assert refined <= 2.0 * lu_error and refined <= unrefined / 5
+
+
+def test_ridge_members_the_schur_complement_rejects_go_to_the_pseudo_inverse():
+    """``P = γI``, γ > 0, few rows (k ≤ n): a member with exactly dependent rows (singular)
+    and one with rows dependent to 1e-7 (regular, but its complement's pivots fail the
+    test) take the pseudo-inverse without an LU; the singular flag follows the rank the
+    pseudo-inverse kept, and both solutions equal torch's pseudo-inverse (the inverse for
+    the regular one). A third, well-conditioned member keeps the Schur complement."""
+    from torchdiffopt.backends.batched_quadratic import (ActiveSetFactorization,
+                                                         _kkt_pseudo_inverse)
+
+    gen = torch.Generator().manual_seed(4)
+    n, k, gamma = 6, 4, 0.3
+    Ks = []
+    for dependence in (0.0, 1e-7, None):
+        G = torch.randn(k, n, dtype=torch.float64, generator=gen)
+        if dependence is not None:
+            G[2] = G[0] + G[1] + dependence * torch.randn(n, dtype=torch.float64,
+                                                          generator=gen)
+        P = gamma * torch.eye(n, dtype=torch.float64)
+        Ks.append(torch.cat((torch.cat((P, G.T), 1),
+                             torch.cat((G, torch.zeros(k, k, dtype=torch.float64)), 1)), 0))
+    K = torch.stack(Ks)
+    used = torch.ones(3, k, dtype=torch.float64)
+    ridge = torch.tensor([True, True, True])
+    factor = ActiveSetFactorization(K, n, used, lambda Ks, r: _kkt_pseudo_inverse(Ks, n, r),
+                                    pinv_unless_schur=ridge)
+    assert [idx.tolist() for idx, _ in factor._ways] == [[2], [0, 1]]
+    assert factor.singular.tolist() == [True, False, False]
+    rhs = torch.randn(3, n + k, 2, dtype=torch.float64, generator=gen)
+    expected = torch.linalg.pinv(K, hermitian=True, rtol=1e-13) @ rhs
+    got = factor.solve(rhs)
+    torch.testing.assert_close(got[[0, 2]], expected[[0, 2]], rtol=0, atol=1e-9)
+    # the nearly dependent member (condition near 1e14): the inverse, backward stable
+    # (residual at round-off of |K| |z|) and agreeing with LU to the condition's accuracy
+    residual = (K[1] @ got[1] - rhs[1]).abs().max()
+    assert float(residual) <= 1e-12 * float(K[1].abs().max() * got[1].abs().max())
+    lu = torch.linalg.solve(K[1], rhs[1])
+    assert float((got[1] - lu).abs().max()) <= 1e-3 * float(lu.abs().max())

@@ -53,9 +53,10 @@ def _amax(t: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
     return t.new_zeros(*t.shape[:-1], *((1,) if keepdim else ()))
 
 
-def _kkt_pseudo_inverse(K: torch.Tensor, n: int, rtol: float) -> torch.Tensor:
+def _kkt_pseudo_inverse(K: torch.Tensor, n: int, rtol: float):
     """Moore–Penrose pseudo-inverse of singular KKT matrices ``K (S, n + k, n + k)`` as
-    built by :class:`BatchedQuadraticKKT`.
+    built by :class:`BatchedQuadraticKKT`: a matrix, or a :class:`ScalarKKTPseudoInverse`
+    (applied with ``@`` like one) where every member has ``P = γI``.
 
     Where ``P = γI`` with ``γ ≥ 0`` (an LP, or the ridge-smoothed LPs of decision-focused
     learning; singular at a degenerate vertex), ``K = [[γI, Gᵀ], [G, D]]`` with
@@ -81,8 +82,51 @@ def _kkt_pseudo_inverse(K: torch.Tensor, n: int, rtol: float) -> torch.Tensor:
         return symmetric_pseudo_inverse(K, rtol)
     out = torch.empty_like(K)
     out[~scalar] = symmetric_pseudo_inverse(K[~scalar], rtol)
-    out[scalar] = _scalar_kkt_pseudo_inverse(K[scalar], n, gamma[scalar], rtol)
+    out[scalar] = _scalar_kkt_pseudo_inverse(K[scalar], n, gamma[scalar], rtol).dense()
     return out
+
+
+class ScalarKKTPseudoInverse:
+    """``K⁺`` of :func:`_kkt_pseudo_inverse` for ``P = γI``, kept as its factors and applied
+    block by block: with ``Y = U Σ⁻¹`` (k × n, zero beyond the rank), ``V`` (n × n, zero
+    beyond the rank), ``d`` the diagonal of ``D`` and ``t = Yᵀ r_y``::
+
+        K⁺ [r_x; r_y] = [V t + (r_x − V Vᵀ r_x)/γ;   Y Vᵀ r_x + d ∘ r_y − γ Y t]
+
+    (the first term's ``1/γ`` read as 0 for γ = 0). A dense ``K⁺`` would be written and read
+    whole, ``(n + k)²`` entries a member against ``n (n + k)`` here: building it took 35 of
+    the 86 ms of W3's pseudo-inverses (256 members, n = 40, k = 64).
+
+    ``singular (S,)``: members whose ``K`` is singular at the rank ``r`` kept: ``r`` below
+    the number of used rows (``d = 0``) or, for γ = 0, below ``n``; elsewhere
+    ``K⁺ = K⁻¹``."""
+
+    def __init__(self, V, Y, d, gamma, rank):
+        self.V, self.Y, self.d = V, Y, d.unsqueeze(-1)
+        self.gamma = gamma.reshape(-1, 1, 1)
+        self.singular = (rank < (d == 0).sum(-1)) | ((gamma == 0) & (rank < V.shape[-1]))
+        self.inv_gamma = torch.where(self.gamma > 0, 1.0 / torch.where(
+            self.gamma > 0, self.gamma, 1.0), 0.0)
+
+    def __matmul__(self, rhs: torch.Tensor) -> torch.Tensor:
+        """``K⁺ rhs`` for ``rhs (S, n + k, c)``."""
+        n = self.V.shape[-1]
+        r_x, r_y = rhs[..., :n, :], rhs[..., n:, :]
+        t = self.Y.mT @ r_y
+        Vt_rx = self.V.mT @ r_x
+        top = self.V @ t + self.inv_gamma * (r_x - self.V @ Vt_rx)
+        bottom = self.Y @ (Vt_rx - self.gamma * t) + self.d * r_y
+        return torch.cat((top, bottom), dim=-2)
+
+    def transpose(self, *dims):
+        """``K⁺`` is symmetric: itself."""
+        return self
+
+    def dense(self) -> torch.Tensor:
+        """``K⁺`` as a matrix ``(S, n + k, n + k)``."""
+        n, k = self.V.shape[-1], self.Y.shape[-2]
+        eye = torch.eye(n + k, dtype=self.V.dtype, device=self.V.device)
+        return self @ eye.expand(len(self.V), -1, -1)
 
 
 #: largest ‖G⁺G − I‖∞ accepted from the Cholesky (normal-equations) pseudo-inverse of
@@ -90,11 +134,11 @@ def _kkt_pseudo_inverse(K: torch.Tensor, n: int, rtol: float) -> torch.Tensor:
 LEFT_INVERSE_TOL = 1e-10
 
 
-def _scalar_kkt_pseudo_inverse(K, n, gamma, rtol):
+def _scalar_kkt_pseudo_inverse(K, n, gamma, rtol) -> ScalarKKTPseudoInverse:
     """The ``P = γI`` case of :func:`_kkt_pseudo_inverse` for every member of ``K``.
 
     At a degenerate vertex the active rows ``G`` (k × n, k > n) usually have full column
-    rank: ``V Vᵀ = I``, ``G⁺ = (GᵀG)⁻¹Gᵀ`` and ``U Σ⁻² Uᵀ = G⁺ᵀG⁺``, so ``K⁺`` needs one
+    rank: ``V Vᵀ = I``, ``G⁺ = (GᵀG)⁻¹Gᵀ`` and ``Y = G⁺ᵀ``, so ``K⁺`` needs one
     Cholesky factorization of the n × n Gram matrix instead of an SVD (W3, k = 64, n = 40:
     an SVD costs 0.19 ms a member). The normal equations square the condition number, so
     that result is kept only where it is a left inverse to ``LEFT_INVERSE_TOL``
@@ -103,8 +147,12 @@ def _scalar_kkt_pseudo_inverse(K, n, gamma, rtol):
     (:func:`_gram_kkt_pseudo_inverse`), checked by the Penrose conditions, and those it
     cannot resolve the SVD."""
     # contiguous copies: LAPACK on strided views of K runs about twice as slow
-    G, D, g = K[:, n:, :n].contiguous(), K[:, n:, n:], gamma[:, None, None]
+    G, d = K[:, n:, :n].contiguous(), K[:, n:, n:].diagonal(dim1=-2, dim2=-1)
+    k = G.shape[-2]
     eye = torch.eye(n, dtype=K.dtype, device=K.device)
+    V = eye.expand(len(K), n, n).clone()
+    Y = G.new_empty(len(K), k, n)
+    rank = torch.full((len(K),), n, dtype=torch.long, device=K.device)
     # full column rank needs at least n active rows; the Cholesky test settles the rest
     candidates = ((G != 0).any(-1).sum(-1) >= n).nonzero().squeeze(-1)
     full_rank = torch.zeros(len(K), dtype=torch.bool, device=K.device)
@@ -118,21 +166,19 @@ def _scalar_kkt_pseudo_inverse(K, n, gamma, rtol):
         G_pinv = torch.cholesky_solve(Gc.mT.contiguous(), L)
         left_error = (G_pinv @ Gc - eye).abs().amax((-2, -1))
         accepted = left_error <= LEFT_INVERSE_TOL
-        candidates, G_pinv = candidates[accepted], G_pinv[accepted]
+        candidates = candidates[accepted]
         full_rank[candidates] = True
-    out = torch.empty_like(K)
-    if bool(full_rank.any()):
-        X, Dk, gk = G_pinv, D[full_rank], g[full_rank]
-        top = torch.cat((torch.zeros_like(X[:, :, :n]), X), -1)
-        out[full_rank] = torch.cat((top, torch.cat((X.mT, Dk - gk * (X.mT @ X)), -1)), -2)
+        Y[candidates] = G_pinv[accepted].mT
     rest = (~full_rank).nonzero().squeeze(-1)
     if len(rest):
-        K_rest, by_gram = _gram_kkt_pseudo_inverse(G[rest], D[rest], g[rest], rtol)
-        out[rest[by_gram]] = K_rest[by_gram]
+        V_rest, Y_rest, rank_rest, by_gram = _gram_kkt_pseudo_inverse(G[rest], rtol)
+        accepted = rest[by_gram]
+        V[accepted], Y[accepted] = V_rest[by_gram], Y_rest[by_gram]
+        rank[accepted] = rank_rest[by_gram]
         left = rest[~by_gram]
         if len(left):
-            out[left] = _svd_kkt_pseudo_inverse(G[left], D[left], g[left], rtol)
-    return out
+            V[left], Y[left], rank[left] = _svd_kkt_pseudo_inverse(G[left], rtol)
+    return ScalarKKTPseudoInverse(V, Y, d, gamma, rank)
 
 
 #: largest ‖G G⁺ G − G‖ / ‖G‖ and ‖G⁺ G G⁺ − G⁺‖ / ‖G⁺‖ (entrywise maxima) accepted from the
@@ -141,18 +187,18 @@ def _scalar_kkt_pseudo_inverse(K, n, gamma, rtol):
 PENROSE_TOL = 1e-10
 
 
-def _gram_kkt_pseudo_inverse(G, D, g, rtol):
-    """``K⁺`` of :func:`_kkt_pseudo_inverse` from the eigendecomposition of the Gram matrix
-    ``GᵀG = V Λ Vᵀ`` (n × n) instead of the SVD of ``G``: ``Σ² = Λ`` on the kept
-    eigenvalues, ``U Σ⁻¹ = G V Λ⁻¹`` and ``G⁺ = V Λ⁻¹ Vᵀ Gᵀ``. On W3's QPTL members (64 slots,
-    40 variables, both rows and columns dependent) that takes 36 ms for 256 members where
-    the SVD takes 86. Squaring the singular values loses those below about 1e-6 of the
+def _gram_kkt_pseudo_inverse(G, rtol):
+    """The factors ``V, Y`` of :class:`ScalarKKTPseudoInverse` from the eigendecomposition
+    of the Gram matrix ``GᵀG = V Λ Vᵀ`` (n × n) instead of the SVD of ``G``: ``Σ² = Λ`` on
+    the kept eigenvalues, ``Y = U Σ⁻¹ = G V Λ⁻¹`` and ``G⁺ = V Yᵀ``. On W3's QPTL members (64
+    slots, 40 variables, both rows and columns dependent) that takes 36 ms for 256 members
+    where the SVD takes 86. Squaring the singular values loses those below about 1e-6 of the
     largest in ``Λ``'s round-off, so eigenvalues below ``1e3 · ε · n · λ_max`` are dropped,
     and a member is kept only where that decision is the SVD's, ``‖G v_j‖ ≤ rtol · σ_max``
     for every dropped eigenvector ``v_j`` (``‖G v_j‖`` is its singular value, computed from
     ``G`` itself), and where the result satisfies the Penrose conditions ``G G⁺ G = G`` and
     ``G⁺ G G⁺ = G⁺`` to :data:`PENROSE_TOL` (which an inaccurate small kept eigenvalue
-    violates). Returns the matrices and the mask of accepted members."""
+    violates). Returns ``V``, ``Y``, the rank kept and the mask of accepted members."""
     n = G.shape[-1]
     lam, V = torch.linalg.eigh(G.mT @ G)
     top = lam[..., -1:].clamp_min(torch.finfo(G.dtype).tiny)
@@ -163,36 +209,29 @@ def _gram_kkt_pseudo_inverse(G, D, g, rtol):
 
     dropped = _amax(torch.linalg.vector_norm(G @ (V * ~kept.unsqueeze(-2)), dim=-2))
     V = V * kept.unsqueeze(-2)
-    U_inv = G @ (V * torch.where(kept, 1.0 / torch.where(kept, lam, 1.0), 0.0).unsqueeze(-2))
-    G_pinv = V @ U_inv.mT
+    Y = G @ (V * torch.where(kept, 1.0 / torch.where(kept, lam, 1.0), 0.0).unsqueeze(-2))
+    G_pinv = V @ Y.mT
     tiny = torch.finfo(G.dtype).tiny
     accepted = ((dropped <= rtol * top.squeeze(-1).sqrt())
                 & (size(G @ G_pinv @ G - G) <= PENROSE_TOL * size(G).clamp_min(tiny))
                 & (size(G_pinv @ G @ G_pinv - G_pinv)
                    <= PENROSE_TOL * size(G_pinv).clamp_min(tiny)))
-    eye = torch.eye(n, dtype=G.dtype, device=G.device)
-    inv_g = torch.where(g > 0, 1.0 / torch.where(g > 0, g, 1.0), 0.0)
-    top_rows = torch.cat(((eye - V @ V.mT) * inv_g, G_pinv), -1)
-    bottom = torch.cat((G_pinv.mT, D - g * (U_inv @ U_inv.mT)), -1)
-    return torch.cat((top_rows, bottom), -2), accepted
+    return V, Y, kept.sum(-1), accepted
 
 
-def _svd_kkt_pseudo_inverse(G, D, g, rtol):
-    """``K⁺`` of :func:`_kkt_pseudo_inverse` from the SVD of the active rows ``G``, singular
-    values below ``rtol`` times the largest dropped."""
-    n = G.shape[-1]
+def _svd_kkt_pseudo_inverse(G, rtol):
+    """The factors ``V, Y`` of :class:`ScalarKKTPseudoInverse` from the SVD of the active
+    rows ``G``, singular values below ``rtol`` times the largest dropped, and the rank kept;
+    zero columns pad both to ``n`` where ``G`` has fewer rows than columns."""
+    k, n = G.shape[-2:]
     U, sigma, Vh = torch.linalg.svd(G, full_matrices=False)
     kept = sigma > rtol * _amax(sigma, keepdim=True).clamp_min(torch.finfo(G.dtype).tiny)
     inv_sigma = torch.where(kept, 1.0 / torch.where(kept, sigma, 1.0), 0.0)
-    V = Vh.transpose(-1, -2) * kept.unsqueeze(-2)
-    U_inv = U * inv_sigma.unsqueeze(-2)                       # U Σ⁻¹ on the kept columns
-    eye = torch.eye(n, dtype=G.dtype, device=G.device)
-    inv_g = torch.where(g > 0, 1.0 / torch.where(g > 0, g, 1.0), 0.0)
-    G_pinv = V @ U_inv.transpose(-1, -2)
-    top = torch.cat(((eye - V @ V.transpose(-1, -2)) * inv_g, G_pinv), -1)
-    bottom = torch.cat((G_pinv.transpose(-1, -2), D - g * (U_inv @ U_inv.transpose(-1, -2))),
-                       -1)
-    return torch.cat((top, bottom), -2)
+    V = Vh.mT * kept.unsqueeze(-2)
+    Y = U * inv_sigma.unsqueeze(-2)                       # U Σ⁻¹ on the kept columns
+    pad = n - V.shape[-1]
+    return (torch.nn.functional.pad(V, (0, pad)), torch.nn.functional.pad(Y, (0, pad)),
+            kept.sum(-1))
 
 
 #: a Cholesky factor ``L`` is trusted for the Schur-complement solve of
@@ -222,6 +261,10 @@ class ActiveSetFactorization:
     * where more rows are active than there are variables, the rows are dependent and ``K``
       is singular whatever ``P``: the ``pseudo_inverse`` given, without an LU first (the
       degenerate vertices of decision-focused LPs, W3: 64 active rows on 40 variables);
+    * members of ``pinv_unless_schur`` (those with ``P = γI``, ``γ > 0``: the Schur
+      complement fails only where the used rows are dependent or nearly so) that the Schur
+      complement does not take: the ``pseudo_inverse``, which equals the inverse where
+      ``K`` is regular (W3's QPTL: 52 of 256 members, an LU of order 104 saved);
     * the others (LPs at a vertex, singular ``P``, poorly conditioned factors):
       :class:`~torchdiffopt.linalg.factorization.DenseFactorization` with the same
       ``pseudo_inverse``, which judges singularity on the LU pivots.
@@ -231,7 +274,8 @@ class ActiveSetFactorization:
     accurately by the Schur complement where LU's pivot test would call it singular.)
     ``solve`` takes ``(B, n + k, c)``."""
 
-    def __init__(self, K: torch.Tensor, n: int, used: torch.Tensor, pseudo_inverse):
+    def __init__(self, K: torch.Tensor, n: int, used: torch.Tensor, pseudo_inverse,
+                 pinv_unless_schur: torch.Tensor | None = None):
         self._pseudo_inverse = pseudo_inverse
         dependent = used.sum(-1) > n
         L, info = torch.linalg.cholesky_ex(K[:, :n, :n])
@@ -246,6 +290,9 @@ class ActiveSetFactorization:
             schur[candidates[ok]] = True
             schur_way = _SchurComplement(*(_members(t, ok) for t in (Kc, L, W, LN, used_c)),
                                          n, pseudo_inverse)
+        self._dependent_by_count = dependent
+        if pinv_unless_schur is not None:
+            dependent = dependent | (pinv_unless_schur & ~schur)
         self.singular = dependent.clone()
         # (members, solve) per way, members None where one way takes the whole batch
         self._ways = []
@@ -266,9 +313,14 @@ class ActiveSetFactorization:
         return dense.solve
 
     def _pinv_solver(self, K, idx):
-        """The solve of singular members by their pseudo-inverse (the cutoff of
-        :class:`DenseFactorization`)."""
+        """The solve of singular members (and of ``pinv_unless_schur`` members) by their
+        pseudo-inverse (the cutoff of :class:`DenseFactorization`). Members are flagged
+        singular, unless the pseudo-inverse says which are (a ``singular`` attribute)."""
         K_pinv = self._pseudo_inverse(K, pseudo_inverse_rtol(K))
+        singular = getattr(K_pinv, "singular", None)
+        if singular is not None:
+            members = slice(None) if idx is None else idx
+            self.singular[members] = singular | self._dependent_by_count[members]
         return lambda rhs: K_pinv @ rhs
 
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
@@ -378,8 +430,12 @@ class BatchedQuadraticKKT:
         K[:, n:, :n] = SC
         K[:, :n, n:] = SC.transpose(1, 2)
         K[:, n:, n:] = torch.diag_embed(1.0 - used)
+        gamma = P[:, 0, 0] if n else P.new_zeros(B)
+        ridge = (P == gamma.reshape(B, 1, 1) * torch.eye(n, dtype=dt, device=dev)).flatten(1)
+        ridge = ridge.all(-1) & (gamma > 0) & valid  # P = γI, γ > 0
         self._factor = ActiveSetFactorization(
-            K, n, used, pseudo_inverse=lambda Ks, rtol: _kkt_pseudo_inverse(Ks, n, rtol))
+            K, n, used, pseudo_inverse=lambda Ks, rtol: _kkt_pseudo_inverse(Ks, n, rtol),
+            pinv_unless_schur=ridge)
         self.singular = self._factor.singular & valid
         self.n, self.m, self.M = n, m, M
 
