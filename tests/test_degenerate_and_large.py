@@ -154,7 +154,7 @@ def test_kkt_pseudo_inverse_shortcut_equals_the_full_one(monkeypatch):
     rank < n, the normal equations where G has full column rank (the LP vertex of W3), no
     SVD."""
     import torchdiffopt.backends.batched_quadratic as bq
-    from torchdiffopt.backends.batched_quadratic import _kkt_pseudo_inverse
+    from torchdiffopt.backends.batched_quadratic import KKTBlocks, _kkt_pseudo_inverse
 
     gen = torch.Generator().manual_seed(1)
     n, k = 5, 9
@@ -183,10 +183,10 @@ def test_kkt_pseudo_inverse_shortcut_equals_the_full_one(monkeypatch):
         svd_calls.append(len(G))
         return svd(G, *args)
     monkeypatch.setattr(bq, "_svd_kkt_pseudo_inverse", counted)
-    assert (_kkt_pseudo_inverse(Ks, n, rtol) - expected).abs().max() < 1e-10
+    assert (_kkt_pseudo_inverse(KKTBlocks.of_dense(Ks, n), rtol) - expected).abs().max() < 1e-10
     # a batch of P = γI members only: K⁺ in factored form, applied to right-hand sides
     # (also under vmap) and as a matrix
-    scalar = _kkt_pseudo_inverse(Ks[:5], n, rtol)
+    scalar = _kkt_pseudo_inverse(KKTBlocks.of_dense(Ks[:5], n), rtol)
     assert isinstance(scalar, bq.ScalarKKTPseudoInverse)
     assert (scalar.dense() - expected[:5]).abs().max() < 1e-10
     rhs = torch.randn(2, 5, n + k, 3, dtype=torch.float64, generator=gen)
@@ -226,7 +226,8 @@ def test_kkt_pseudo_inverse_takes_the_svd_where_the_gram_matrix_cannot_resolve_G
         return svd(G, *args)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(bq, "_svd_kkt_pseudo_inverse", counted)
-        X = bq._kkt_pseudo_inverse(Ks, n, 1e3 * torch.finfo(torch.float64).eps * (n + k))
+        X = bq._kkt_pseudo_inverse(bq.KKTBlocks.of_dense(Ks, n),
+                                   1e3 * torch.finfo(torch.float64).eps * (n + k))
     X = X.dense()
     # the 1e-7 member takes the SVD (its dropped direction has ‖G v‖ far above the cutoff);
     # whether the 1e-4 one passes the Penrose check depends on the LAPACK build's eigh
@@ -245,7 +246,7 @@ def test_active_set_factorization_schur_members_and_the_rest():
     others (an LP vertex, a dependent active row, a singular P that makes K nonsingular) by
     LU or the pseudo-inverse. Every member's solution equals torch's pseudo-inverse applied
     to the right-hand sides, and the singular flags equal DenseFactorization's."""
-    from torchdiffopt.backends.batched_quadratic import (ActiveSetFactorization,
+    from torchdiffopt.backends.batched_quadratic import (ActiveSetFactorization, KKTBlocks,
                                                          _kkt_pseudo_inverse)
     from torchdiffopt.linalg.factorization import DenseFactorization
 
@@ -271,8 +272,8 @@ def test_active_set_factorization_schur_members_and_the_rest():
         useds.append(used)
     K, used = torch.stack(Ks), torch.stack(useds)
     rtol = 1e3 * torch.finfo(torch.float64).eps * (n + k)
-    pinv = lambda Ks, r: _kkt_pseudo_inverse(Ks, n, r)  # noqa: E731
-    factor = ActiveSetFactorization(K, n, used, pinv)
+    pinv = lambda Ks, r: _kkt_pseudo_inverse(KKTBlocks.of_dense(Ks, n), r)  # noqa: E731
+    factor = ActiveSetFactorization(KKTBlocks.of_dense(K, n), _kkt_pseudo_inverse)
     # the ways in order: Schur complement, LU, pseudo-inverse
     assert [idx.tolist() for idx, _ in factor._ways] == [[0, 1, 5], [2, 3, 4], [6]]
     dense = DenseFactorization(K, pseudo_inverse=pinv)
@@ -296,7 +297,7 @@ def test_schur_solves_are_accurate_for_ill_conditioned_P():
     refinement step against K brings it within 2× of a backward-stable LU solve (on
     1.5× on one LAPACK build, below 1× on another) and at least 5× below the
     unrefined solve (30×). Reference: LU solves refined three times."""
-    from torchdiffopt.backends.batched_quadratic import (ActiveSetFactorization,
+    from torchdiffopt.backends.batched_quadratic import (ActiveSetFactorization, KKTBlocks,
                                                          _SchurComplement)
 
     gen = torch.Generator().manual_seed(3)
@@ -310,7 +311,7 @@ def test_schur_solves_are_accurate_for_ill_conditioned_P():
     z = torch.cat((torch.randn(B, n, 1, dtype=torch.float64, generator=gen),
                    1e3 * torch.randn(B, k, 1, dtype=torch.float64, generator=gen)), 1)
     rhs = K @ z
-    factor = ActiveSetFactorization(K, n, torch.ones(B, k, dtype=torch.float64),
+    factor = ActiveSetFactorization(KKTBlocks(P, G, torch.ones(B, k, dtype=torch.float64)),
                                     pseudo_inverse=None)
     (members, solve), = factor._ways                  # one way for the whole batch:
     assert members is None and isinstance(solve.__self__, _SchurComplement)  # the Schur one
@@ -333,7 +334,7 @@ def test_ridge_members_the_schur_complement_rejects_go_to_the_pseudo_inverse():
     test) take the pseudo-inverse without an LU; the singular flag follows the rank the
     pseudo-inverse kept, and both solutions equal torch's pseudo-inverse (the inverse for
     the regular one). A third, well-conditioned member keeps the Schur complement."""
-    from torchdiffopt.backends.batched_quadratic import (ActiveSetFactorization,
+    from torchdiffopt.backends.batched_quadratic import (ActiveSetFactorization, KKTBlocks,
                                                          _kkt_pseudo_inverse)
 
     gen = torch.Generator().manual_seed(4)
@@ -350,7 +351,7 @@ def test_ridge_members_the_schur_complement_rejects_go_to_the_pseudo_inverse():
     K = torch.stack(Ks)
     used = torch.ones(3, k, dtype=torch.float64)
     ridge = torch.tensor([True, True, True])
-    factor = ActiveSetFactorization(K, n, used, lambda Ks, r: _kkt_pseudo_inverse(Ks, n, r),
+    factor = ActiveSetFactorization(KKTBlocks.of_dense(K, n), _kkt_pseudo_inverse,
                                     pinv_unless_schur=ridge)
     assert [idx.tolist() for idx, _ in factor._ways] == [[2], [0, 1]]
     assert factor.singular.tolist() == [True, False, False]

@@ -53,8 +53,49 @@ def _amax(t: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
     return t.new_zeros(*t.shape[:-1], *((1,) if keepdim else ()))
 
 
-def _kkt_pseudo_inverse(K: torch.Tensor, n: int, rtol: float):
-    """Moore–Penrose pseudo-inverse of singular KKT matrices ``K (S, n + k, n + k)`` as
+class KKTBlocks:
+    """The KKT matrices ``K = [[P, Gᵀ], [G, diag(1 − used)]]`` of :class:`BatchedQuadraticKKT`
+    held as their blocks: ``P (S, n, n)``, the active rows in slots ``G (S, k, n)`` (zero on
+    unused slots) and ``used (S, k)``. ``K`` itself (order ``n + k``) is assembled only for
+    the members that need it whole (an LU, a general pseudo-inverse): allocating and
+    filling it for every member cost W3 (256 members of order 104) 20 ms a call."""
+
+    def __init__(self, P: torch.Tensor, G: torch.Tensor, used: torch.Tensor):
+        self.P, self.G, self.used = P, G, used
+        self.n, self.k = G.shape[-1], G.shape[-2]
+
+    @classmethod
+    def of_dense(cls, K: torch.Tensor, n: int) -> "KKTBlocks":
+        """The blocks of assembled matrices ``K (S, n + k, n + k)``."""
+        return cls(K[:, :n, :n], K[:, n:, :n], 1.0 - K[:, n:, n:].diagonal(dim1=-2, dim2=-1))
+
+    def __len__(self) -> int:
+        return len(self.P)
+
+    def members(self, idx: torch.Tensor | None) -> "KKTBlocks":
+        """The members ``idx`` (all for None or a full index, without a copy)."""
+        if idx is None or len(idx) == len(self):
+            return self
+        return KKTBlocks(self.P[idx], self.G[idx], self.used[idx])
+
+    @property
+    def order(self) -> int:
+        return self.n + self.k
+
+    def dense(self) -> torch.Tensor:
+        """``K (S, n + k, n + k)``."""
+        top = torch.cat((self.P, self.G.mT), -1)
+        return torch.cat((top, torch.cat((self.G, torch.diag_embed(1.0 - self.used)), -1)), -2)
+
+    def __matmul__(self, z: torch.Tensor) -> torch.Tensor:
+        """``K z`` for ``z (S, n + k, c)``, block by block."""
+        z_x, z_y = z[..., :self.n, :], z[..., self.n:, :]
+        return torch.cat((self.P @ z_x + self.G.mT @ z_y,
+                          self.G @ z_x + (1.0 - self.used).unsqueeze(-1) * z_y), dim=-2)
+
+
+def _kkt_pseudo_inverse(K: KKTBlocks, rtol: float):
+    """Moore–Penrose pseudo-inverse of singular KKT matrices ``K`` (:class:`KKTBlocks`) as
     built by :class:`BatchedQuadraticKKT`: a matrix, or a :class:`ScalarKKTPseudoInverse`
     (applied with ``@`` like one) where every member has ``P = γI``.
 
@@ -72,24 +113,26 @@ def _kkt_pseudo_inverse(K: torch.Tensor, n: int, rtol: float):
     (2.6× faster on W3, k = 64, n = 40), or the cheaper ones of
     :func:`_scalar_kkt_pseudo_inverse` where they are accurate. Other members go through
     :func:`~torchdiffopt.linalg.factorization.symmetric_pseudo_inverse`."""
-    P = K[:, :n, :n]
+    P, n = K.P, K.n
     gamma = P[:, 0, 0] if n else P.new_zeros(len(P))
-    scalar = (P == gamma[:, None, None] * torch.eye(n, dtype=K.dtype, device=K.device))
+    scalar = (P == gamma[:, None, None] * torch.eye(n, dtype=P.dtype, device=P.device))
     scalar = scalar.all(-1).all(-1) & (gamma >= 0)
     if bool(scalar.all()):
-        return _scalar_kkt_pseudo_inverse(K, n, gamma, rtol)
+        return _scalar_kkt_pseudo_inverse(K, gamma, rtol)
     if not bool(scalar.any()):
-        return symmetric_pseudo_inverse(K, rtol)
-    out = torch.empty_like(K)
-    out[~scalar] = symmetric_pseudo_inverse(K[~scalar], rtol)
-    out[scalar] = _scalar_kkt_pseudo_inverse(K[scalar], n, gamma[scalar], rtol).dense()
+        return symmetric_pseudo_inverse(K.dense(), rtol)
+    out = P.new_empty(len(K), K.order, K.order)
+    general, ridge = (~scalar).nonzero().squeeze(-1), scalar.nonzero().squeeze(-1)
+    out[general] = symmetric_pseudo_inverse(K.members(general).dense(), rtol)
+    out[ridge] = _scalar_kkt_pseudo_inverse(K.members(ridge), gamma[ridge], rtol).dense()
     return out
 
 
 class ScalarKKTPseudoInverse:
     """``K⁺`` of :func:`_kkt_pseudo_inverse` for ``P = γI``, kept as its factors and applied
     block by block: with ``Y = U Σ⁻¹`` (k × n, zero beyond the rank), ``V`` (n × n, zero
-    beyond the rank), ``d`` the diagonal of ``D`` and ``t = Yᵀ r_y``::
+    beyond the rank; None for the identity, where every ``G`` has full column rank), ``d``
+    the diagonal of ``D`` and ``t = Yᵀ r_y``::
 
         K⁺ [r_x; r_y] = [V t + (r_x − V Vᵀ r_x)/γ;   Y Vᵀ r_x + d ∘ r_y − γ Y t]
 
@@ -104,17 +147,21 @@ class ScalarKKTPseudoInverse:
     def __init__(self, V, Y, d, gamma, rank):
         self.V, self.Y, self.d = V, Y, d.unsqueeze(-1)
         self.gamma = gamma.reshape(-1, 1, 1)
-        self.singular = (rank < (d == 0).sum(-1)) | ((gamma == 0) & (rank < V.shape[-1]))
+        self.n = Y.shape[-1]
+        self.singular = (rank < (d == 0).sum(-1)) | ((gamma == 0) & (rank < self.n))
         self.inv_gamma = torch.where(self.gamma > 0, 1.0 / torch.where(
             self.gamma > 0, self.gamma, 1.0), 0.0)
 
     def __matmul__(self, rhs: torch.Tensor) -> torch.Tensor:
         """``K⁺ rhs`` for ``rhs (S, n + k, c)``."""
-        n = self.V.shape[-1]
+        n = self.n
         r_x, r_y = rhs[..., :n, :], rhs[..., n:, :]
         t = self.Y.mT @ r_y
-        Vt_rx = self.V.mT @ r_x
-        top = self.V @ t + self.inv_gamma * (r_x - self.V @ Vt_rx)
+        if self.V is None:  # V = I: every member's G has full column rank
+            top, Vt_rx = t, r_x
+        else:
+            Vt_rx = self.V.mT @ r_x
+            top = self.V @ t + self.inv_gamma * (r_x - self.V @ Vt_rx)
         bottom = self.Y @ (Vt_rx - self.gamma * t) + self.d * r_y
         return torch.cat((top, bottom), dim=-2)
 
@@ -124,9 +171,9 @@ class ScalarKKTPseudoInverse:
 
     def dense(self) -> torch.Tensor:
         """``K⁺`` as a matrix ``(S, n + k, n + k)``."""
-        n, k = self.V.shape[-1], self.Y.shape[-2]
-        eye = torch.eye(n + k, dtype=self.V.dtype, device=self.V.device)
-        return self @ eye.expand(len(self.V), -1, -1)
+        k = self.Y.shape[-2]
+        eye = torch.eye(self.n + k, dtype=self.Y.dtype, device=self.Y.device)
+        return self @ eye.expand(len(self.Y), -1, -1)
 
 
 #: largest ‖G⁺G − I‖∞ accepted from the Cholesky (normal-equations) pseudo-inverse of
@@ -134,7 +181,7 @@ class ScalarKKTPseudoInverse:
 LEFT_INVERSE_TOL = 1e-10
 
 
-def _scalar_kkt_pseudo_inverse(K, n, gamma, rtol) -> ScalarKKTPseudoInverse:
+def _scalar_kkt_pseudo_inverse(K: KKTBlocks, gamma, rtol) -> ScalarKKTPseudoInverse:
     """The ``P = γI`` case of :func:`_kkt_pseudo_inverse` for every member of ``K``.
 
     At a degenerate vertex the active rows ``G`` (k × n, k > n) usually have full column
@@ -146,38 +193,51 @@ def _scalar_kkt_pseudo_inverse(K, n, gamma, rtol) -> ScalarKKTPseudoInverse:
     the eigendecomposition of the Gram matrix ``GᵀG``
     (:func:`_gram_kkt_pseudo_inverse`), checked by the Penrose conditions, and those it
     cannot resolve the SVD."""
-    # contiguous copies: LAPACK on strided views of K runs about twice as slow
-    G, d = K[:, n:, :n].contiguous(), K[:, n:, n:].diagonal(dim1=-2, dim2=-1)
-    k = G.shape[-2]
-    eye = torch.eye(n, dtype=K.dtype, device=K.device)
-    V = eye.expand(len(K), n, n).clone()
-    Y = G.new_empty(len(K), k, n)
-    rank = torch.full((len(K),), n, dtype=torch.long, device=K.device)
+    # contiguous: LAPACK on strided views runs about twice as slow
+    # (members are copied out only where a step leaves some behind: at W3's sizes each
+    # copy of G is 5 MB, and fresh memory costs more than the arithmetic)
+    G, d, n, k = K.G.contiguous(), 1.0 - K.used, K.n, K.k
+    S = len(K)
+    eye = torch.eye(n, dtype=G.dtype, device=G.device)
     # full column rank needs at least n active rows; the Cholesky test settles the rest
     candidates = ((G != 0).any(-1).sum(-1) >= n).nonzero().squeeze(-1)
-    full_rank = torch.zeros(len(K), dtype=torch.bool, device=K.device)
+    Y_full = None
     if len(candidates):
-        Gc = G[candidates]
+        Gc = _members(G, candidates)
         L, info = torch.linalg.cholesky_ex(Gc.mT @ Gc)
         # a rank-deficient G (dependent columns: a cycle of free edges in W3's QPTL) shows
         # in the pivots; its members go on to the Gram matrix without a solve and a check
-        factored = (info == 0) & _well_pivoted(L)
-        candidates, Gc, L = candidates[factored], Gc[factored], L[factored]
-        G_pinv = torch.cholesky_solve(Gc.mT.contiguous(), L)
-        left_error = (G_pinv @ Gc - eye).abs().amax((-2, -1))
-        accepted = left_error <= LEFT_INVERSE_TOL
-        candidates = candidates[accepted]
+        factored = ((info == 0) & _well_pivoted(L)).nonzero().squeeze(-1)
+        candidates, Gc, L = (_members(t, factored) for t in (candidates, Gc, L))
+        # Y = G⁺ᵀ = G (GᵀG)⁻¹ = G L⁻ᵀ L⁻¹: two triangular solves from the right
+        Y_full = torch.linalg.solve_triangular(
+            L, torch.linalg.solve_triangular(L.mT, Gc, upper=True, left=False),
+            upper=False, left=False)
+        left_error = (Y_full.mT @ Gc - eye).abs().amax((-2, -1))
+        accepted = (left_error <= LEFT_INVERSE_TOL).nonzero().squeeze(-1)
+        candidates, Y_full = _members(candidates, accepted), _members(Y_full, accepted)
+    n_full = 0 if Y_full is None else len(candidates)
+    if n_full == S:
+        return ScalarKKTPseudoInverse(None, Y_full, d, gamma, torch.full(
+            (S,), n, dtype=torch.long, device=G.device))
+    full_rank = torch.zeros(S, dtype=torch.bool, device=G.device)
+    if n_full:
         full_rank[candidates] = True
-        Y[candidates] = G_pinv[accepted].mT
     rest = (~full_rank).nonzero().squeeze(-1)
-    if len(rest):
-        V_rest, Y_rest, rank_rest, by_gram = _gram_kkt_pseudo_inverse(G[rest], rtol)
-        accepted = rest[by_gram]
-        V[accepted], Y[accepted] = V_rest[by_gram], Y_rest[by_gram]
-        rank[accepted] = rank_rest[by_gram]
-        left = rest[~by_gram]
-        if len(left):
-            V[left], Y[left], rank[left] = _svd_kkt_pseudo_inverse(G[left], rtol)
+    V_rest, Y_rest, rank_rest, by_gram = _gram_kkt_pseudo_inverse(_members(G, rest), rtol)
+    if n_full == 0 and bool(by_gram.all()):
+        return ScalarKKTPseudoInverse(V_rest, Y_rest, d, gamma, rank_rest)
+    V = eye.expand(S, n, n).clone()
+    Y = G.new_zeros(S, k, n)
+    rank = torch.full((S,), n, dtype=torch.long, device=G.device)
+    if n_full:
+        Y[candidates] = Y_full
+    accepted = rest[by_gram]
+    V[accepted], Y[accepted] = V_rest[by_gram], Y_rest[by_gram]
+    rank[accepted] = rank_rest[by_gram]
+    left = rest[~by_gram]
+    if len(left):
+        V[left], Y[left], rank[left] = _svd_kkt_pseudo_inverse(G[left], rtol)
     return ScalarKKTPseudoInverse(V, Y, d, gamma, rank)
 
 
@@ -204,17 +264,21 @@ def _gram_kkt_pseudo_inverse(G, rtol):
     top = lam[..., -1:].clamp_min(torch.finfo(G.dtype).tiny)
     kept = lam > 1e3 * torch.finfo(G.dtype).eps * n * top
 
-    def size(M):  # entrywise maximum, zero for an empty matrix (no active row)
-        return _amax(M.flatten(-2).abs())
+    def size(M):  # entrywise maximum of |M| (two reductions, no |M| allocated), zero if empty
+        if M.shape[-1] * M.shape[-2] == 0:
+            return M.new_zeros(M.shape[:-2])
+        return torch.maximum(M.amax((-2, -1)), -M.amin((-2, -1)))
 
     dropped = _amax(torch.linalg.vector_norm(G @ (V * ~kept.unsqueeze(-2)), dim=-2))
     V = V * kept.unsqueeze(-2)
     Y = G @ (V * torch.where(kept, 1.0 / torch.where(kept, lam, 1.0), 0.0).unsqueeze(-2))
     G_pinv = V @ Y.mT
+    H = G_pinv @ G  # n × n: both Penrose conditions from it, G H = G and H G⁺ = G⁺
     tiny = torch.finfo(G.dtype).tiny
     accepted = ((dropped <= rtol * top.squeeze(-1).sqrt())
-                & (size(G @ G_pinv @ G - G) <= PENROSE_TOL * size(G).clamp_min(tiny))
-                & (size(G_pinv @ G @ G_pinv - G_pinv)
+                & (size(torch.baddbmm(G, G, H, beta=-1.0))
+                   <= PENROSE_TOL * size(G).clamp_min(tiny))
+                & (size(torch.baddbmm(G_pinv, H, G_pinv, beta=-1.0))
                    <= PENROSE_TOL * size(G_pinv).clamp_min(tiny)))
     return V, Y, kept.sum(-1), accepted
 
@@ -243,7 +307,8 @@ SCHUR_PIVOT_RTOL = 1e-10
 class ActiveSetFactorization:
     """The KKT matrices ``K_b = [[P_b, G_bᵀ], [G_b, D_b]]`` of :class:`BatchedQuadraticKKT`
     (``G_b`` the active rows in ``k`` slots, ``D_b = diag(1 − s_b)`` 1 on the unused slots),
-    factored once for many solves. Each member takes one of three ways:
+    given as :class:`KKTBlocks`, factored once for many solves. ``pseudo_inverse(K, rtol)``
+    takes the blocks of singular members. Each member takes one of four ways:
 
     * where ``P_b ≻ 0`` and the used rows of ``G_b`` are independent, the Schur complement
       of ``P_b``, as OptNet's solver does: with ``P = L Lᵀ`` and ``W = L⁻¹ Gᵀ``, the
@@ -274,22 +339,25 @@ class ActiveSetFactorization:
     accurately by the Schur complement where LU's pivot test would call it singular.)
     ``solve`` takes ``(B, n + k, c)``."""
 
-    def __init__(self, K: torch.Tensor, n: int, used: torch.Tensor, pseudo_inverse,
+    def __init__(self, K: KKTBlocks, pseudo_inverse,
                  pinv_unless_schur: torch.Tensor | None = None):
-        self._pseudo_inverse = pseudo_inverse
+        self._pseudo_inverse, self._n = pseudo_inverse, K.n
+        # the pseudo-inverse in DenseFactorization's form (None: its default)
+        self._dense_pinv = None if pseudo_inverse is None else self._dense_pseudo_inverse
+        n, used = K.n, K.used
         dependent = used.sum(-1) > n
-        L, info = torch.linalg.cholesky_ex(K[:, :n, :n])
+        L, info = torch.linalg.cholesky_ex(K.P)
         schur = (info == 0) & _well_pivoted(L) & ~dependent
         candidates = schur.nonzero().squeeze(-1)
         if len(candidates):
-            L, Kc, used_c = (_members(t, candidates) for t in (L, K, used))
-            W = torch.linalg.solve_triangular(L, Kc[:, :n, n:], upper=False)
-            LN, info = torch.linalg.cholesky_ex(W.mT @ W + torch.diag_embed(1.0 - used_c))
+            Kc, L = K.members(candidates), _members(L, candidates)
+            W = torch.linalg.solve_triangular(L, Kc.G.mT, upper=False)
+            LN, info = torch.linalg.cholesky_ex(W.mT @ W + torch.diag_embed(1.0 - Kc.used))
             ok = ((info == 0) & _well_pivoted(LN)).nonzero().squeeze(-1)
             schur[candidates] = False
             schur[candidates[ok]] = True
-            schur_way = _SchurComplement(*(_members(t, ok) for t in (Kc, L, W, LN, used_c)),
-                                         n, pseudo_inverse)
+            schur_way = _SchurComplement(Kc.members(ok), *(_members(t, ok) for t in (L, W, LN)),
+                                         self._dense_pinv)
         self._dependent_by_count = dependent
         if pinv_unless_schur is not None:
             dependent = dependent | (pinv_unless_schur & ~schur)
@@ -301,11 +369,15 @@ class ActiveSetFactorization:
                               (dependent, self._pinv_solver)):
             if bool(members.any()):
                 idx = None if bool(members.all()) else members.nonzero().squeeze(-1)
-                self._ways.append((idx, make(K if idx is None else K[idx], idx)))
+                self._ways.append((idx, make(K.members(idx), idx)))
 
-    def _lu_solver(self, K, idx):
+    def _dense_pseudo_inverse(self, Ks: torch.Tensor, rtol: float):
+        """The ``pseudo_inverse`` on assembled matrices (DenseFactorization's form)."""
+        return self._pseudo_inverse(KKTBlocks.of_dense(Ks, self._n), rtol)
+
+    def _lu_solver(self, K: KKTBlocks, idx):
         """The solve of the members ``idx`` (None: all) by LU, singular ones flagged."""
-        dense = DenseFactorization(K, pseudo_inverse=self._pseudo_inverse)
+        dense = DenseFactorization(K.dense(), pseudo_inverse=self._dense_pinv)
         if idx is None:
             self.singular = dense.singular
         else:
@@ -316,7 +388,7 @@ class ActiveSetFactorization:
         """The solve of singular members (and of ``pinv_unless_schur`` members) by their
         pseudo-inverse (the cutoff of :class:`DenseFactorization`). Members are flagged
         singular, unless the pseudo-inverse says which are (a ``singular`` attribute)."""
-        K_pinv = self._pseudo_inverse(K, pseudo_inverse_rtol(K))
+        K_pinv = self._pseudo_inverse(K, pseudo_inverse_rtol(K.P.dtype, K.order))
         singular = getattr(K_pinv, "singular", None)
         if singular is not None:
             members = slice(None) if idx is None else idx
@@ -340,9 +412,9 @@ class _SchurComplement:
     factors ``L`` (of ``P``), ``W = L⁻¹Gᵀ`` and ``L_N`` (of ``N``), and ``K`` itself for the
     refinement step."""
 
-    def __init__(self, K, L, W, LN, used, n, pseudo_inverse):
-        self._K, self.n, self._L, self._W, self._LN = K, n, L, W, LN
-        self._sigma = (1.0 - 2.0 * used).unsqueeze(-1)
+    def __init__(self, K: KKTBlocks, L, W, LN, pseudo_inverse):
+        self._K, self.n, self._L, self._W, self._LN = K, K.n, L, W, LN
+        self._sigma = (1.0 - 2.0 * K.used).unsqueeze(-1)
         self._pseudo_inverse, self._lu = pseudo_inverse, None
 
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
@@ -358,7 +430,8 @@ class _SchurComplement:
         42 → 26 ms)."""
         if torch._C._functorch.is_functorch_wrapped_tensor(rhs):
             if self._lu is None:
-                self._lu = DenseFactorization(self._K, pseudo_inverse=self._pseudo_inverse)
+                self._lu = DenseFactorization(self._K.dense(),
+                                              pseudo_inverse=self._pseudo_inverse)
             return self._lu.solve(rhs)
         z = self._apply(rhs)
         return z + self._apply(rhs - self._K @ z)
@@ -425,17 +498,12 @@ class BatchedQuadraticKKT:
         # so the rows are distinct), used[b, j] says whether it is an active row
         self._slot_rows, self._used = slot_rows, used
         SC = C_all.gather(1, slot_rows.unsqueeze(-1).expand(B, k, n)) * used.unsqueeze(-1)
-        K = torch.zeros(B, n + k, n + k, dtype=dt, device=dev)
-        K[:, :n, :n] = torch.where(valid.reshape(B, 1, 1), P, torch.eye(n, dtype=dt, device=dev))
-        K[:, n:, :n] = SC
-        K[:, :n, n:] = SC.transpose(1, 2)
-        K[:, n:, n:] = torch.diag_embed(1.0 - used)
+        K = KKTBlocks(torch.where(valid.reshape(B, 1, 1), P, torch.eye(n, dtype=dt, device=dev)),
+                      SC, used)
         gamma = P[:, 0, 0] if n else P.new_zeros(B)
         ridge = (P == gamma.reshape(B, 1, 1) * torch.eye(n, dtype=dt, device=dev)).flatten(1)
         ridge = ridge.all(-1) & (gamma > 0) & valid  # P = γI, γ > 0
-        self._factor = ActiveSetFactorization(
-            K, n, used, pseudo_inverse=lambda Ks, rtol: _kkt_pseudo_inverse(Ks, n, rtol),
-            pinv_unless_schur=ridge)
+        self._factor = ActiveSetFactorization(K, _kkt_pseudo_inverse, pinv_unless_schur=ridge)
         self.singular = self._factor.singular & valid
         self.n, self.m, self.M = n, m, M
 

@@ -61,7 +61,7 @@ class DenseFactorization:
             # eigenvalue magnitudes) below the cutoff dropped
             self._members = self.singular.reshape(-1).nonzero().squeeze(-1)
             Ks = K.reshape(-1, self.order, self.order)[self._members]
-            rel = pseudo_inverse_rtol(K)
+            rel = pseudo_inverse_rtol(K.dtype, self.order)
             if symmetric:
                 self._pinv = (pseudo_inverse or symmetric_pseudo_inverse)(Ks, rel)
             else:
@@ -82,11 +82,10 @@ class DenseFactorization:
         return z
 
 
-def pseudo_inverse_rtol(K: torch.Tensor) -> float:
-    """The relative cutoff below which singular values (eigenvalue magnitudes) of the
-    singular matrices ``K (…, N, N)`` are dropped from their pseudo-inverse:
-    ``1e3 · ε · N``."""
-    return 1e3 * torch.finfo(K.dtype).eps * K.shape[-1]
+def pseudo_inverse_rtol(dtype: torch.dtype, order: int) -> float:
+    """The relative cutoff below which singular values (eigenvalue magnitudes) of singular
+    matrices of order ``N`` are dropped from their pseudo-inverse: ``1e3 · ε · N``."""
+    return 1e3 * torch.finfo(dtype).eps * order
 
 
 def _lu_factor(K: torch.Tensor):
