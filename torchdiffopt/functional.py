@@ -61,7 +61,7 @@ def qp(P, q, A=None, b=None, G=None, h=None, *, lb=None, ub=None, solver=None,
     c_rows, c_cols = np.divmod(np.arange(m * n), n)
     structure = QPStructure(
         n, m, rows, cols, c_rows, c_cols,
-        np.r_[np.zeros(n_eq), -np.ones(n_in)].astype(np.int8),
+        np.concatenate((np.zeros(n_eq, np.int8), np.full(n_in, -1, np.int8))),
         np.full(n, -np.inf) if lb is None else np.broadcast_to(np.asarray(lb, float), n),
         np.full(n, np.inf) if ub is None else np.broadcast_to(np.asarray(ub, float), n),
         solver, n_jobs)

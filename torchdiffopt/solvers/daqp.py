@@ -29,7 +29,6 @@ pool overhead than a 20-variable QP takes to solve).
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from ctypes import c_int
 
@@ -37,6 +36,7 @@ import daqp
 import numpy as np
 import torch
 
+from .batch import CPU_COUNT
 from .ipm import (DUAL_INFEASIBLE, NOT_CONVERGED, OPTIMAL, PRIMAL_INFEASIBLE, IPMResult,
                   status_error)
 from .solution import NumericQP, Solution
@@ -118,7 +118,7 @@ def solve_daqp(P, q, C, c0, sense, lb=None, ub=None, *,
             elif status[b] == NOT_CONVERGED:
                 x[b] = xb
 
-    workers = min(B, n_jobs or os.cpu_count() or 1)
+    workers = min(B, n_jobs or CPU_COUNT)
     if workers <= 1 or B * n * (n + len(sense_np)) < MIN_THREADED_ENTRIES:
         solve_chunk(range(B))
     else:
