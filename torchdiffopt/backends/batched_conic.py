@@ -84,11 +84,15 @@ class DenseSystems:
         P = pattern.dense_matrix(P_vals, "P_rows", "P_cols", (n, n))
         P = 0.5 * (P + P.transpose(-1, -2))
         A = pattern.dense_matrix(A_vals, "A_rows", "A_cols", (m, n))
-        eye = torch.eye(m, dtype=D.dtype, device=D.device).expand(B, m, m)
-        M = torch.cat((torch.cat((P, A.transpose(-1, -2) @ D), -1),
-                       torch.cat((-A, eye - D), -1)), -2)
-        M = torch.where(valid.reshape(B, 1, 1), M,
-                        torch.eye(n + m, dtype=M.dtype, device=M.device))
+        # written block by block into one allocation (fresh memory is what costs at W4's
+        # 64 matrices of order 157: two concatenations and a select took 16 ms)
+        M = D.new_empty(B, n + m, n + m)
+        M[:, :n, :n] = P
+        torch.matmul(A.transpose(-1, -2), D, out=M[:, :n, n:])
+        torch.neg(A, out=M[:, n:, :n])
+        torch.sub(torch.eye(m, dtype=D.dtype, device=D.device), D, out=M[:, n:, n:])
+        if not bool(valid.all()):
+            M[~valid] = torch.eye(n + m, dtype=M.dtype, device=M.device)
         self.D = D
         self._lu = DenseFactorization(M, symmetric=False)
         self.singular = self._lu.singular & valid
