@@ -125,6 +125,20 @@ def test_float32(rng):
     assert result.x.dtype == torch.float32
     assert result.status.tolist() == [OPTIMAL] * 4
     torch.testing.assert_close(result.x, x_star.float(), rtol=0, atol=1e-4)
+    # a free block of condition 1e8 is beyond float32 (its pivot ratio², 1e-8, is below
+    # 1e4 ε): given up, not reported optimal; float64 solves it
+    V, _ = torch.linalg.qr(torch.tensor(rng.normal(size=(20, 20))))
+    ill = (V * torch.logspace(0, -8, 20, dtype=F64)) @ V.T
+    free = np.full(20, -np.inf), np.full(20, np.inf)
+    q1 = torch.tensor(rng.normal(size=(1, 20)))
+    assert solve_box_qp(ill[None].float(), q1.float(), *free).status.tolist() == [NOT_CONVERGED]
+    assert solve_box_qp(ill[None], q1, *free).status.tolist() == [OPTIMAL]
+
+
+def test_an_empty_batch():
+    result = solve_box_qp(torch.zeros(0, 3, 3, dtype=F64), torch.zeros(0, 3, dtype=F64),
+                          np.zeros(3), np.ones(3))
+    assert result.x.shape == (0, 3) and result.mu.shape == (0, 6) and result.status.numel() == 0
 
 
 def test_auto_routes_bound_only_qps_by_size_and_device():
@@ -197,6 +211,13 @@ def test_layer_reports_crossed_bounds_as_infeasible(box_everywhere):
     assert bool(x.isnan().all())
     with pytest.raises(tdo.InfeasibleError):
         tdo.functional.qp(torch.eye(2, dtype=F64), torch.zeros(2, dtype=F64), lb=lb, ub=ub)
+    # bounds no value meets: x_0 ≥ +∞, and x_1 ≤ −∞
+    for lb, ub in ((np.array([np.inf, 0.0]), np.array([np.inf, 1.0])),
+                   (np.array([0.0, -np.inf]), np.array([1.0, -np.inf]))):
+        assert solve_box_qp(torch.eye(2, dtype=F64)[None], torch.zeros(1, 2, dtype=F64),
+                            lb, ub).status.tolist() == [NOT_CONVERGED]
+        with pytest.raises(tdo.InfeasibleError):
+            tdo.functional.qp(torch.eye(2, dtype=F64), torch.zeros(2, dtype=F64), lb=lb, ub=ub)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

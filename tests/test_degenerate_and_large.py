@@ -183,7 +183,10 @@ def test_kkt_pseudo_inverse_shortcut_equals_the_full_one(monkeypatch):
         svd_calls.append(len(G))
         return svd(G, *args)
     monkeypatch.setattr(bq, "_svd_kkt_pseudo_inverse", counted)
-    assert (_kkt_pseudo_inverse(KKTBlocks.of_dense(Ks, n), rtol) - expected).abs().max() < 1e-10
+    mixed = _kkt_pseudo_inverse(KKTBlocks.of_dense(Ks, n), rtol)
+    assert (mixed.dense() - expected).abs().max() < 1e-10
+    # rank-deficient G with dependent rows: every member here is singular
+    assert mixed.singular.tolist() == [True] * 6
     # a batch of P = γI members only: K⁺ in factored form, applied to right-hand sides
     # (also under vmap) and as a matrix
     scalar = _kkt_pseudo_inverse(KKTBlocks.of_dense(Ks[:5], n), rtol)
@@ -365,3 +368,31 @@ def test_ridge_members_the_schur_complement_rejects_go_to_the_pseudo_inverse():
     assert float(residual) <= 1e-12 * float(K[1].abs().max() * got[1].abs().max())
     lu = torch.linalg.solve(K[1], rhs[1])
     assert float((got[1] - lu).abs().max()) <= 1e-3 * float(lu.abs().max())
+
+
+def test_singular_flags_do_not_depend_on_the_batch_neighbours():
+    """The regular, nearly dependent ridge member of the test above keeps ``singular`` False
+    when a general member with more used rows than variables (singular, pseudo-inverse as
+    well) shares its batch: the mixed pseudo-inverse carries the ridge members' flags."""
+    from torchdiffopt.backends.batched_quadratic import (ActiveSetFactorization, KKTBlocks,
+                                                         _kkt_pseudo_inverse)
+
+    gen = torch.Generator().manual_seed(4)
+    n, k = 6, 8
+    G = torch.randn(2, k, n, dtype=torch.float64, generator=gen)
+    used = torch.ones(2, k, dtype=torch.float64)
+    used[0, 4:] = 0.0  # the ridge member: 4 rows, the third dependent to 1e-7
+    G[0, 4:] = 0.0
+    G[0, 2] = G[0, 0] + G[0, 1] + 1e-7 * torch.randn(n, dtype=torch.float64, generator=gen)
+    L = torch.randn(n, n, dtype=torch.float64, generator=gen)
+    P = torch.stack((0.3 * torch.eye(n, dtype=torch.float64),
+                     L @ L.T + torch.eye(n, dtype=torch.float64)))
+    K = KKTBlocks(P, G, used)
+    factor = ActiveSetFactorization(K, _kkt_pseudo_inverse,
+                                    pinv_unless_schur=torch.tensor([True, False]))
+    assert [idx for idx, _ in factor._ways] == [None]  # both by the pseudo-inverse
+    assert factor.singular.tolist() == [False, True]
+    rhs = torch.randn(2, n + k, 1, dtype=torch.float64, generator=gen)
+    z = factor.solve(rhs)
+    residual = (K @ z - rhs)[0].abs().max()  # backward stable, as K is regular
+    assert float(residual) <= 1e-12 * float(K.dense()[0].abs().max() * z[0].abs().max())

@@ -243,7 +243,7 @@ def _solve_dense(call: SolveCall, P_vals, q, r, C_vals, c0):
     status = ["optimal"] * B
     errors: dict[int, Exception] = {}
 
-    finite = torch.stack([t.reshape(B, -1).isfinite().all(-1)
+    finite = torch.stack([t.flatten(1).isfinite().all(-1)
                           for t in (P_vals, q, r.reshape(B, 1), C_vals, c0)]).all(0)
     P_finite = torch.where(finite.reshape(B, 1, 1), P, torch.zeros_like(P))
     convex = _positive_definite(P_finite, shift=1e-9)

@@ -96,8 +96,9 @@ class KKTBlocks:
 
 def _kkt_pseudo_inverse(K: KKTBlocks, rtol: float):
     """Moore–Penrose pseudo-inverse of singular KKT matrices ``K`` (:class:`KKTBlocks`) as
-    built by :class:`BatchedQuadraticKKT`: a matrix, or a :class:`ScalarKKTPseudoInverse`
-    (applied with ``@`` like one) where every member has ``P = γI``.
+    built by :class:`BatchedQuadraticKKT`: a matrix where no member has ``P = γI``, a
+    :class:`ScalarKKTPseudoInverse` where every member has, a :class:`MixedKKTPseudoInverse`
+    otherwise (the latter two applied with ``@`` like a matrix, with ``singular`` flags).
 
     Where ``P = γI`` with ``γ ≥ 0`` (an LP, or the ridge-smoothed LPs of decision-focused
     learning; singular at a degenerate vertex), ``K = [[γI, Gᵀ], [G, D]]`` with
@@ -124,8 +125,30 @@ def _kkt_pseudo_inverse(K: KKTBlocks, rtol: float):
     out = P.new_empty(len(K), K.order, K.order)
     general, ridge = (~scalar).nonzero().squeeze(-1), scalar.nonzero().squeeze(-1)
     out[general] = symmetric_pseudo_inverse(K.members(general).dense(), rtol)
-    out[ridge] = _scalar_kkt_pseudo_inverse(K.members(ridge), gamma[ridge], rtol).dense()
-    return out
+    ridge_pinv = _scalar_kkt_pseudo_inverse(K.members(ridge), gamma[ridge], rtol)
+    out[ridge] = ridge_pinv.dense()
+    singular = torch.ones(len(K), dtype=torch.bool, device=P.device)
+    singular[ridge] = ridge_pinv.singular
+    return MixedKKTPseudoInverse(out, singular)
+
+
+class MixedKKTPseudoInverse:
+    """``K⁺`` of a batch with both kinds of members, as a matrix ``(S, n + k, n + k)``, with
+    the singular flags its :class:`ScalarKKTPseudoInverse` members found (the general
+    members are flagged singular: they reach a pseudo-inverse only as such)."""
+
+    def __init__(self, matrix: torch.Tensor, singular: torch.Tensor):
+        self.matrix, self.singular = matrix, singular
+
+    def __matmul__(self, rhs: torch.Tensor) -> torch.Tensor:
+        return self.matrix @ rhs
+
+    def transpose(self, *dims):
+        """``K⁺`` is symmetric: itself."""
+        return self
+
+    def dense(self) -> torch.Tensor:
+        return self.matrix
 
 
 class ScalarKKTPseudoInverse:
@@ -455,9 +478,9 @@ def _well_pivoted(L: torch.Tensor) -> torch.Tensor:
     d = L.diagonal(dim1=-2, dim2=-1)
     if d.shape[-1] == 0:
         return torch.ones(d.shape[0], dtype=torch.bool, device=L.device)
-    # a NaN pivot fails the comparison; an infinite one makes the factor's info nonzero
+    # a NaN pivot fails the comparison, an infinite one (overflow in W^T W) the last test
     d_min, d_max = torch.aminmax(d, dim=-1)
-    return d_min * d_min >= SCHUR_PIVOT_RTOL * (d_max * d_max)
+    return (d_min * d_min >= SCHUR_PIVOT_RTOL * (d_max * d_max)) & d_max.isfinite()
 
 
 class BatchedQuadraticKKT:

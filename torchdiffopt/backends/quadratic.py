@@ -101,11 +101,18 @@ class DataCotangent:
 def bound_rows(lb: np.ndarray, ub: np.ndarray):
     """Rows ``x_j + c0 ∈ S`` for the finite bounds: (variable index, c0, sense).
 
-    Cached by the bounds' values (each caller gets copies): each layer call asks for the
-    same rows in several places, and the dozen small numpy operations cost 0.1 ms each
-    time."""
+    Cached by the bounds' values up to :data:`BOUND_ROWS_CACHED_SIZE` variables (each caller
+    gets copies): each layer call asks for the same rows in several places, and the dozen
+    small numpy operations cost 0.1 ms each time; larger models, whose keys would hold
+    megabytes, are computed each time."""
     lb, ub = np.asarray(lb, dtype=np.float64), np.asarray(ub, dtype=np.float64)
+    if lb.size > BOUND_ROWS_CACHED_SIZE:
+        return _bound_rows.__wrapped__(lb.tobytes(), ub.tobytes())
     return tuple(a.copy() for a in _bound_rows(lb.tobytes(), ub.tobytes()))
+
+
+#: most variables whose bound rows :func:`bound_rows` caches
+BOUND_ROWS_CACHED_SIZE = 4096
 
 
 @functools.lru_cache(maxsize=64)

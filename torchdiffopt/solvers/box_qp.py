@@ -44,9 +44,10 @@ from .ipm import NOT_CONVERGED, OPTIMAL, IPMResult
 
 #: iterations after which a member whose active sets still change is given up (cycling)
 MAX_ITERATIONS = 30
-#: smallest accepted ratio ``min_i L_ii² / max_i L_ii²`` of a free block's Cholesky factor;
-#: below it the block is treated as singular and the member given up
-PIVOT_RTOL = 1e-12
+#: smallest accepted ratio ``min_i L_ii² / max_i L_ii²`` of a free block's Cholesky factor,
+#: in units of the dtype's ε (float64: 2e-12, float32: 1e-3); below it the block is treated
+#: as singular and the member given up
+PIVOT_RTOL_EPS = 1e4
 
 
 def solve_box_qp(P: torch.Tensor, q: torch.Tensor, lb, ub, *,
@@ -62,7 +63,8 @@ def solve_box_qp(P: torch.Tensor, q: torch.Tensor, lb, ub, *,
     ``½xᵀPx + qᵀx + μᵀ(x_J − b)``): ``x``, ``mu`` (``μ_i = −z_j`` on the active row of
     ``x_j``, zero on the others), ``active`` (fixed rows and rows at which ``x_j`` is held),
     ``status`` (0 optimal; 3 not settled within ``max_iter`` iterations, free block not
-    positive definite, non-finite data, or ``lb > ub``: ``x`` and ``mu`` are then NaN) and
+    positive definite, non-finite data, ``lb > ub``, ``lb = +∞`` or ``ub = −∞``: ``x`` and
+    ``mu`` are then NaN) and
     ``iterations`` (solves taken).
     """
     from ..backends.quadratic import bound_rows  # the backends import the solvers
@@ -87,8 +89,11 @@ def solve_box_qp(P: torch.Tensor, q: torch.Tensor, lb, ub, *,
     status = torch.full((B,), NOT_CONVERGED, dtype=torch.int64, device=dev)
     iterations = torch.zeros(B, dtype=torch.int64, device=dev)
 
-    finite = P.reshape(B, -1).isfinite().all(-1) & q.isfinite().all(-1)
-    todo = finite.nonzero().squeeze(-1) if bool((lb <= ub).all()) else finite.new_zeros(0).long()
+    finite = P.flatten(1).isfinite().all(-1) & q.isfinite().all(-1)
+    # crossed bounds, and infinite ones that exclude every value (lb = +inf, ub = -inf):
+    # nothing is feasible, and the fallback solver says so
+    feasible = bool((lb <= ub).all() and not (lb == np.inf).any() and not (ub == -np.inf).any())
+    todo = finite.nonzero().squeeze(-1) if feasible else finite.new_zeros(0).long()
     for _ in range(max_iter):
         if not len(todo):
             break
@@ -122,7 +127,7 @@ def solve_box_qp(P: torch.Tensor, q: torch.Tensor, lb, ub, *,
 
 def _solve_free_block(P, rhs, free):
     """``y`` with ``P_FF y_F = rhs_F`` and ``y = 0`` off ``F``, per member (``F = free[b]``),
-    and whether each member's block was factored with pivots above :data:`PIVOT_RTOL`.
+    and whether each member's block was factored with pivots above :data:`PIVOT_RTOL_EPS`.
 
     The free variables of each member are gathered first into ``k = max_b #free_b`` slots;
     unused slots carry an identity, which decouples them."""
@@ -140,7 +145,8 @@ def _solve_free_block(P, rhs, free):
     d = L.diagonal(dim1=-2, dim2=-1)
     d_min = torch.where(used, d, torch.inf).amin(-1)
     d_max = torch.where(used, d, 0.0).amax(-1)
-    factored = (info == 0) & (d_min ** 2 >= PIVOT_RTOL * d_max ** 2) & d.isfinite().all(-1)
+    rtol = PIVOT_RTOL_EPS * torch.finfo(P.dtype).eps
+    factored = (info == 0) & (d_min ** 2 >= rtol * d_max ** 2) & d.isfinite().all(-1)
     y = torch.cholesky_solve((rhs.gather(1, order) * used).unsqueeze(-1), L).squeeze(-1)
     y = torch.where(factored.unsqueeze(-1) & used, y, 0.0)
     return torch.zeros_like(rhs).scatter(1, order, y), factored
