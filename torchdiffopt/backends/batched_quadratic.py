@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..linalg.factorization import (DenseFactorization, pseudo_inverse_rtol,
+from ..linalg.factorization import (DenseFactorization, pseudo_inverse_rtol, slots,
                                     symmetric_pseudo_inverse)
 from .quadratic import ACTIVE_RTOL, WEAK_RTOL, bound_rows
 
@@ -94,6 +94,16 @@ class KKTBlocks:
                           self.G @ z_x + (1.0 - self.used).unsqueeze(-1) * z_y), dim=-2)
 
 
+def _scalar_objective(P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(γ, scalar)`` for ``P (S, n, n)``: ``scalar`` marks the members with ``P = γI``,
+    ``γ = P₀₀ ≥ 0`` (LPs and their ridge smoothing), whose KKT matrices have the structure
+    :func:`_kkt_pseudo_inverse` and :class:`ActiveSetFactorization` exploit."""
+    S, n = P.shape[:2]
+    gamma = P[:, 0, 0] if n else P.new_zeros(S)
+    eye = torch.eye(n, dtype=P.dtype, device=P.device)
+    return gamma, (P == gamma.reshape(S, 1, 1) * eye).flatten(1).all(-1) & (gamma >= 0)
+
+
 def _kkt_pseudo_inverse(K: KKTBlocks, rtol: float):
     """Moore–Penrose pseudo-inverse of singular KKT matrices ``K`` (:class:`KKTBlocks`) as
     built by :class:`BatchedQuadraticKKT`: a matrix where no member has ``P = γI``, a
@@ -114,10 +124,8 @@ def _kkt_pseudo_inverse(K: KKTBlocks, rtol: float):
     (2.6× faster on W3, k = 64, n = 40), or the cheaper ones of
     :func:`_scalar_kkt_pseudo_inverse` where they are accurate. Other members go through
     :func:`~torchdiffopt.linalg.factorization.symmetric_pseudo_inverse`."""
-    P, n = K.P, K.n
-    gamma = P[:, 0, 0] if n else P.new_zeros(len(P))
-    scalar = (P == gamma[:, None, None] * torch.eye(n, dtype=P.dtype, device=P.device))
-    scalar = scalar.all(-1).all(-1) & (gamma >= 0)
+    P = K.P
+    gamma, scalar = _scalar_objective(P)
     if bool(scalar.all()):
         return _scalar_kkt_pseudo_inverse(K, gamma, rtol)
     if not bool(scalar.any()):
@@ -516,18 +524,16 @@ class BatchedQuadraticKKT:
         mu_all = mu_all * active
 
         M = C_all.shape[1]
-        k = int(active.sum(-1).max()) if M else 0
-        slot_rows = torch.argsort((~active).to(torch.int8), dim=-1, stable=True)[:, :k]
-        used = active.gather(1, slot_rows).to(dt)
+        slot_rows, used = slots(active)
+        k, used = slot_rows.shape[-1], used.to(dt)
         # S_b as indices: slot j holds row slot_rows[b, j] (a permutation's first k entries,
         # so the rows are distinct), used[b, j] says whether it is an active row
         self._slot_rows, self._used = slot_rows, used
         SC = C_all.gather(1, slot_rows.unsqueeze(-1).expand(B, k, n)) * used.unsqueeze(-1)
         K = KKTBlocks(torch.where(valid.reshape(B, 1, 1), P, torch.eye(n, dtype=dt, device=dev)),
                       SC, used)
-        gamma = P[:, 0, 0] if n else P.new_zeros(B)
-        ridge = (P == gamma.reshape(B, 1, 1) * torch.eye(n, dtype=dt, device=dev)).flatten(1)
-        ridge = ridge.all(-1) & (gamma > 0) & valid  # P = γI, γ > 0
+        gamma, scalar = _scalar_objective(P)
+        ridge = scalar & (gamma > 0) & valid  # P = γI, γ > 0
         self._factor = ActiveSetFactorization(K, _kkt_pseudo_inverse, pinv_unless_schur=ridge)
         self.singular = self._factor.singular & valid
         self.n, self.m, self.M = n, m, M

@@ -107,8 +107,8 @@ def bound_rows(lb: np.ndarray, ub: np.ndarray):
     megabytes, are computed each time."""
     lb, ub = np.asarray(lb, dtype=np.float64), np.asarray(ub, dtype=np.float64)
     if lb.size > BOUND_ROWS_CACHED_SIZE:
-        return _bound_rows.__wrapped__(lb.tobytes(), ub.tobytes())
-    return tuple(a.copy() for a in _bound_rows(lb.tobytes(), ub.tobytes()))
+        return _bound_rows(lb, ub)
+    return tuple(a.copy() for a in _cached_bound_rows(lb.tobytes(), ub.tobytes()))
 
 
 #: most variables whose bound rows :func:`bound_rows` caches
@@ -116,8 +116,11 @@ BOUND_ROWS_CACHED_SIZE = 4096
 
 
 @functools.lru_cache(maxsize=64)
-def _bound_rows(lb_bytes: bytes, ub_bytes: bytes):
-    lb, ub = np.frombuffer(lb_bytes), np.frombuffer(ub_bytes)
+def _cached_bound_rows(lb_bytes: bytes, ub_bytes: bytes):
+    return _bound_rows(np.frombuffer(lb_bytes), np.frombuffer(ub_bytes))
+
+
+def _bound_rows(lb: np.ndarray, ub: np.ndarray):
     fixed = np.isfinite(lb) & (lb == ub)
     lower = np.isfinite(lb) & ~fixed
     upper = np.isfinite(ub) & ~fixed

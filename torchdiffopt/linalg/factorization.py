@@ -116,6 +116,18 @@ def _lu_factor(K: torch.Tensor):
     return lu.reshape(*batch, N, N), pivots.reshape(*batch, N), info.reshape(batch)
 
 
+def slots(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each member's marked entries gathered first into ``k = max_b #mask_b`` slots:
+    ``index (S, k)``, the first ``k`` entries of a permutation that puts ``mask[b]``'s
+    marked positions first (in order, so the indices are distinct), and ``used (S, k)``,
+    whether slot ``j`` holds a marked entry (a member with fewer fills its last slots with
+    unmarked ones). The batched KKT systems, their pseudo-inverses and the box QP solver
+    gather their active rows or free variables so."""
+    k = int(mask.sum(-1).max()) if mask.numel() else 0
+    index = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[:, :k]
+    return index, mask.gather(1, index)
+
+
 def symmetric_pseudo_inverse(K: torch.Tensor, rtol: float) -> torch.Tensor:
     """Moore–Penrose pseudo-inverse of symmetric matrices ``K (S, N, N)`` from ``eigh``,
     eigenvalues below ``rtol`` times the largest magnitude dropped.
@@ -128,8 +140,8 @@ def symmetric_pseudo_inverse(K: torch.Tensor, rtol: float) -> torch.Tensor:
     S, N, _ = K.shape
     eye = torch.eye(N, dtype=K.dtype, device=K.device)
     unit = (K == eye).all(-1)
-    coupled = int((~unit).sum(-1).max())
-    rows = torch.argsort(unit.to(torch.int8), dim=-1, stable=True)[:, :coupled]
+    rows, _ = slots(~unit)
+    coupled = rows.shape[-1]
     entries = (rows.unsqueeze(-1) * N + rows.unsqueeze(-2)).reshape(S, -1)  # block's (i, j)
     block = K.reshape(S, N * N).gather(1, entries).reshape(S, coupled, coupled)
     w, V = torch.linalg.eigh(block)

@@ -40,6 +40,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..linalg.factorization import slots
 from .ipm import NOT_CONVERGED, OPTIMAL, IPMResult
 
 #: iterations after which a member whose active sets still change is given up (cycling)
@@ -129,14 +130,14 @@ def _solve_free_block(P, rhs, free):
     """``y`` with ``P_FF y_F = rhs_F`` and ``y = 0`` off ``F``, per member (``F = free[b]``),
     and whether each member's block was factored with pivots above :data:`PIVOT_RTOL_EPS`.
 
-    The free variables of each member are gathered first into ``k = max_b #free_b`` slots;
-    unused slots carry an identity, which decouples them."""
+    The free variables of each member are gathered first into ``k = max_b #free_b`` slots
+    (:func:`~torchdiffopt.linalg.factorization.slots`); unused slots carry an identity, which
+    decouples them."""
     B, n = rhs.shape
-    k = int(free.sum(-1).max()) if B else 0
+    order, used = slots(free)
+    k = order.shape[-1]
     if k == 0:
         return torch.zeros_like(rhs), torch.ones(B, dtype=torch.bool, device=rhs.device)
-    order = torch.argsort((~free).to(torch.int8), dim=-1, stable=True)[:, :k]
-    used = free.gather(1, order)
     block = P.gather(1, order.unsqueeze(-1).expand(B, k, n)).gather(
         2, order.unsqueeze(1).expand(B, k, k))
     eye = torch.eye(k, dtype=P.dtype, device=P.device)

@@ -165,7 +165,7 @@ class _Cones:
         (v_l, Vs), (d_l, Ds) = self.split(v), self.split(dv)
         ratios = [torch.where(d_l < 0, -v_l / d_l, torch.full_like(v_l, float("inf")))]
         for V, D in zip(Vs, Ds):
-            a = D[..., 0] ** 2 - (D[..., 1:] ** 2).sum(-1)
+            a = _lorentz_square(D)
             half_b = V[..., 0] * D[..., 0] - (V[..., 1:] * D[..., 1:]).sum(-1)
             c = _lorentz_square(V).clamp(min=0.0)
             disc = (half_b * half_b - a * c).clamp(min=0.0).sqrt()
