@@ -46,8 +46,8 @@ def qp(P, q, A=None, b=None, G=None, h=None, *, lb=None, ub=None, solver=None,
     if len(set(sizes.values())) > 1:
         raise ValueError(f"batch size mismatch among the inputs: {sizes}")
     for name, t in zip("P q A b G h".split(), (P, q, A, b, G, h)):
-        if not torch._C._functorch.is_functorch_wrapped_tensor(t) and \
-                not torch.isfinite(t.detach()).all():
+        if t.numel() and not torch._C._functorch.is_functorch_wrapped_tensor(t) and \
+                not bool(torch.isfinite(t).all()):
             raise ValueError(f"input {name!r} contains NaN or inf")
     B = next(iter(sizes.values()), 1)
     n_eq, n_in = A.shape[-2], G.shape[-2]

@@ -245,17 +245,21 @@ def _solve_dense(call: SolveCall, P_vals, q, r, C_vals, c0):
 
     finite = torch.stack([t.flatten(1).isfinite().all(-1)
                           for t in (P_vals, q, r.reshape(B, 1), C_vals, c0)]).all(0)
-    P_finite = torch.where(finite.reshape(B, 1, 1), P, torch.zeros_like(P))
+    # (the masks and per-member loops run only where some member needs them: at small
+    # sizes each torch operation costs more than its arithmetic)
+    all_finite = bool(finite.all())
+    P_finite = P if all_finite else torch.where(finite.reshape(B, 1, 1), P, 0.0)
     convex = _positive_definite(P_finite, shift=1e-9)
-    for b in torch.nonzero(~finite).flatten().tolist():
-        status[b] = "invalid_data"
-        errors[b] = ValueError("the problem data contain NaN or inf")
-    for b in torch.nonzero(finite & ~convex).flatten().tolist():
-        status[b] = "nonconvex"
-        errors[b] = NonconvexError("nonconvex objective: the quadratic form is indefinite")
+    valid = finite & convex
+    if not bool(valid.all()):
+        for b in torch.nonzero(~finite).flatten().tolist():
+            status[b] = "invalid_data"
+            errors[b] = ValueError("the problem data contain NaN or inf")
+        for b in torch.nonzero(finite & ~convex).flatten().tolist():
+            status[b] = "nonconvex"
+            errors[b] = NonconvexError("nonconvex objective: the quadratic form is indefinite")
 
     b_cols, _, _ = bound_rows(st.lb, st.ub)
-    valid = finite & convex
     solver = st.solver
     hint = None
     if solver == "qpth":
@@ -268,27 +272,31 @@ def _solve_dense(call: SolveCall, P_vals, q, r, C_vals, c0):
         x, mu_all, hint = _qpth(st, torch.where(valid.reshape(B, 1, 1), P, eye),
                                 torch.where(valid.reshape(B, 1), q, 0.0), C, c0)
     elif (name := _batch_solver(solver, q.device, st)) is not None:
+        all_valid = bool(valid.all())
         x, mu_all, hint, codes = _solve_batched(
-            name, st, torch.where(valid.reshape(B, 1, 1), P, 0.0),
-            torch.where(valid.reshape(B, 1), q, 0.0), C, c0)
-        for b in torch.nonzero(valid & (codes != OPTIMAL)).flatten().tolist():
-            solver_name = _BATCH_SOLVER_NAMES[_device_default(q.device) if name == "box"
-                                              else name]
-            status[b], errors[b] = status_error(int(codes[b]), solver_name)
-        valid = valid & (codes == OPTIMAL)
-        x = torch.where(valid.reshape(B, 1), x, 0.0)
-        mu_all = torch.where(valid.reshape(B, 1), mu_all, 0.0)
+            name, st, *((P, q) if all_valid else (torch.where(valid.reshape(B, 1, 1), P, 0.0),
+                                                  torch.where(valid.reshape(B, 1), q, 0.0))),
+            C, c0)
+        solved = valid & (codes == OPTIMAL)
+        if not bool(solved.all()):
+            for b in torch.nonzero(valid & ~solved).flatten().tolist():
+                solver_name = _BATCH_SOLVER_NAMES[_device_default(q.device) if name == "box"
+                                                  else name]
+                status[b], errors[b] = status_error(int(codes[b]), solver_name)
+            valid = solved
+            x = torch.where(valid.reshape(B, 1), x, 0.0)
+            mu_all = torch.where(valid.reshape(B, 1), mu_all, 0.0)
     else:
         x, mu_all, valid = _cpu_solve(st, solver, P_vals, q, r, C_vals, c0, valid, b_cols,
                                       status, errors, range(B))
     kkt = BatchedQuadraticKKT(P, q, C, c0, st.sense, st.lb, st.ub, x, mu_all, valid, hint)
 
     bad = valid & (kkt.kkt_residual > KKT_TOLERANCE)
-    if solver in _RETRIED_WITH_SCS:
+    if solver in _RETRIED_WITH_SCS and "solver_error" in status:
         # members the solver gave up on (not proved infeasible or unbounded) get SCS too
         gave_up = torch.tensor([s == "solver_error" for s in status], device=q.device)
         bad = bad | (finite & convex & gave_up)
-    if bad.any() and solver in _RETRIED_WITH_SCS:
+    if solver in _RETRIED_WITH_SCS and bool(bad.any()):
         # HiGHS's QP solver can call a QP unbounded along a flat direction "optimal", and an
         # interior point's active set can be misread at a nearly degenerate point; SCS,
         # which detects unboundedness, decides those members
@@ -302,21 +310,27 @@ def _solve_dense(call: SolveCall, P_vals, q, r, C_vals, c0):
         hint = None if hint is None else hint & ~bad.reshape(B, 1)
         kkt = BatchedQuadraticKKT(P, q, C, c0, st.sense, st.lb, st.ub, x, mu_all, valid, hint)
         bad = valid & (kkt.kkt_residual > KKT_TOLERANCE)
-    for b in torch.nonzero(bad).flatten().tolist():
-        status[b] = "not_optimal"
-        errors[b] = SolverError(
-            f"the solver's point is not optimal (relative KKT residual "
-            f"{float(kkt.kkt_residual[b]):.1e}): infeasible, unbounded or badly scaled")
-    kkt.valid = valid & ~bad
+    if bool(bad.any()):
+        for b in torch.nonzero(bad).flatten().tolist():
+            status[b] = "not_optimal"
+            errors[b] = SolverError(
+                f"the solver's point is not optimal (relative KKT residual "
+                f"{float(kkt.kkt_residual[b]):.1e}): infeasible, unbounded or badly scaled")
+        valid = valid & ~bad
+    kkt.valid = valid
 
-    _warn_degenerate(torch.nonzero(kkt.valid & (kkt.singular | kkt.weak)).flatten().tolist())
+    degenerate = valid & (kkt.singular | kkt.weak)
+    if bool(degenerate.any()):
+        _warn_degenerate(torch.nonzero(degenerate).flatten().tolist())
     call.kkt, call.status, call.errors = DenseBatchKKT(st, kkt), status, errors
-    keep = kkt.valid.reshape(B, 1)
-    x_out = torch.where(keep, kkt.x, torch.nan)
-    mu_out = torch.where(keep, kkt.mu, torch.nan)
-    f = (0.5 * torch.einsum("bi,bij,bj->b", kkt.x, P, kkt.x)
-         + (q * kkt.x).sum(-1) + r)
-    return x_out, mu_out, torch.where(kkt.valid, f, torch.nan)
+    # f = ½ xᵀPx + qᵀx + r, as (½ Px + q)·x
+    f = torch.baddbmm(q.unsqueeze(-1), P, kkt.x.unsqueeze(-1), alpha=0.5).squeeze(-1)
+    f = (f * kkt.x).sum(-1) + r
+    if bool(valid.all()):  # copies: an in-place change of an output must not reach kkt
+        return kkt.x.clone(), kkt.mu.clone(), f
+    keep = valid.reshape(B, 1)
+    return (torch.where(keep, kkt.x, torch.nan), torch.where(keep, kkt.mu, torch.nan),
+            torch.where(valid, f, torch.nan))
 
 
 def _positive_definite(P: torch.Tensor, shift: float) -> torch.Tensor:

@@ -58,11 +58,17 @@ class KKTBlocks:
     held as their blocks: ``P (S, n, n)``, the active rows in slots ``G (S, k, n)`` (zero on
     unused slots) and ``used (S, k)``. ``K`` itself (order ``n + k``) is assembled only for
     the members that need it whole (an LU, a general pseudo-inverse): allocating and
-    filling it for every member cost W3 (256 members of order 104) 20 ms a call."""
+    filling it for every member cost W3 (256 members of order 104) 20 ms a call.
 
-    def __init__(self, P: torch.Tensor, G: torch.Tensor, used: torch.Tensor):
+    ``full`` says that every slot is used (``D = 0``: always so for a single problem), where
+    the products skip the ``D`` block: at small sizes each torch operation costs more than
+    its arithmetic."""
+
+    def __init__(self, P: torch.Tensor, G: torch.Tensor, used: torch.Tensor,
+                 full: bool | None = None):
         self.P, self.G, self.used = P, G, used
         self.n, self.k = G.shape[-1], G.shape[-2]
+        self.full = bool(used.all()) if full is None else full
 
     @classmethod
     def of_dense(cls, K: torch.Tensor, n: int) -> "KKTBlocks":
@@ -76,7 +82,7 @@ class KKTBlocks:
         """The members ``idx`` (all for None or a full index, without a copy)."""
         if idx is None or len(idx) == len(self):
             return self
-        return KKTBlocks(self.P[idx], self.G[idx], self.used[idx])
+        return KKTBlocks(self.P[idx], self.G[idx], self.used[idx], True if self.full else None)
 
     @property
     def order(self) -> int:
@@ -85,13 +91,22 @@ class KKTBlocks:
     def dense(self) -> torch.Tensor:
         """``K (S, n + k, n + k)``."""
         top = torch.cat((self.P, self.G.mT), -1)
-        return torch.cat((top, torch.cat((self.G, torch.diag_embed(1.0 - self.used)), -1)), -2)
+        return torch.cat((top, torch.cat((self.G, self.D), -1)), -2)
+
+    @property
+    def D(self) -> torch.Tensor:
+        """``diag(1 − used) (S, k, k)``."""
+        if self.full:
+            return self.G.new_zeros(len(self), self.k, self.k)
+        return torch.diag_embed(1.0 - self.used)
 
     def __matmul__(self, z: torch.Tensor) -> torch.Tensor:
         """``K z`` for ``z (S, n + k, c)``, block by block."""
         z_x, z_y = z[..., :self.n, :], z[..., self.n:, :]
-        return torch.cat((self.P @ z_x + self.G.mT @ z_y,
-                          self.G @ z_x + (1.0 - self.used).unsqueeze(-1) * z_y), dim=-2)
+        rows = self.G @ z_x
+        if not self.full:
+            rows = rows + (1.0 - self.used).unsqueeze(-1) * z_y
+        return torch.cat((self.P @ z_x + self.G.mT @ z_y, rows), dim=-2)
 
 
 def _scalar_objective(P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -333,6 +348,8 @@ def _svd_kkt_pseudo_inverse(G, rtol):
 #: :class:`ActiveSetFactorization` when ``(min L_ii / max L_ii)² ≥ SCHUR_PIVOT_RTOL``
 #: (roughly, a condition number below 1e10); other members are factored by LU
 SCHUR_PIVOT_RTOL = 1e-10
+#: the same test on the ``L_ii`` themselves: ``min ≥ √SCHUR_PIVOT_RTOL · max``
+_SCHUR_PIVOT_RATIO = SCHUR_PIVOT_RTOL ** 0.5
 
 
 class ActiveSetFactorization:
@@ -383,10 +400,12 @@ class ActiveSetFactorization:
         if len(candidates):
             Kc, L = K.members(candidates), _members(L, candidates)
             W = torch.linalg.solve_triangular(L, Kc.G.mT, upper=False)
-            LN, info = torch.linalg.cholesky_ex(W.mT @ W + torch.diag_embed(1.0 - Kc.used))
+            LN, info = torch.linalg.cholesky_ex(W.mT @ W if Kc.full else
+                                                torch.baddbmm(Kc.D, W.mT, W))
             ok = ((info == 0) & _well_pivoted(LN)).nonzero().squeeze(-1)
-            schur[candidates] = False
-            schur[candidates[ok]] = True
+            if len(ok) < len(candidates):
+                schur[candidates] = False
+                schur[candidates[ok]] = True
             schur_way = _SchurComplement(Kc.members(ok), *(_members(t, ok) for t in (L, W, LN)),
                                          self._dense_pinv)
         self._dependent_by_count = dependent
@@ -394,12 +413,13 @@ class ActiveSetFactorization:
             dependent = dependent | (pinv_unless_schur & ~schur)
         self.singular = dependent.clone()
         # (members, solve) per way, members None where one way takes the whole batch
+        way = torch.where(schur, 0, torch.where(dependent, 2, 1))
         self._ways = []
-        for members, make in ((schur, lambda Kw, idx: schur_way.solve),
-                              (~schur & ~dependent, self._lu_solver),
-                              (dependent, self._pinv_solver)):
-            if bool(members.any()):
-                idx = None if bool(members.all()) else members.nonzero().squeeze(-1)
+        for code, (count, make) in enumerate(zip(
+                torch.bincount(way, minlength=3).tolist(),
+                (lambda Kw, idx: schur_way.solve, self._lu_solver, self._pinv_solver))):
+            if count:
+                idx = None if count == len(K) else (way == code).nonzero().squeeze(-1)
                 self._ways.append((idx, make(K.members(idx), idx)))
 
     def _dense_pseudo_inverse(self, Ks: torch.Tensor, rtol: float):
@@ -445,7 +465,7 @@ class _SchurComplement:
 
     def __init__(self, K: KKTBlocks, L, W, LN, pseudo_inverse):
         self._K, self.n, self._L, self._W, self._LN = K, K.n, L, W, LN
-        self._sigma = (1.0 - 2.0 * K.used).unsqueeze(-1)
+        self._sigma = None if K.full else (1.0 - 2.0 * K.used).unsqueeze(-1)
         self._pseudo_inverse, self._lu = pseudo_inverse, None
 
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
@@ -468,10 +488,15 @@ class _SchurComplement:
         return z + self._apply(rhs - self._K @ z)
 
     def _apply(self, rhs):
-        n = self.n
+        n, W = self.n, self._W
         t = torch.linalg.solve_triangular(self._L, rhs[:, :n], upper=False)
-        v = torch.cholesky_solve(self._sigma * (rhs[:, n:] - self._W.mT @ t), self._LN)
-        x = torch.linalg.solve_triangular(self._L.mT, t - self._W @ v, upper=True)
+        if self._sigma is None:  # every slot used: Σ = -I
+            r = torch.baddbmm(rhs[:, n:], W.mT, t, beta=-1.0)
+        else:
+            r = self._sigma * torch.baddbmm(rhs[:, n:], W.mT, t, alpha=-1.0)
+        v = torch.cholesky_solve(r, self._LN)
+        x = torch.linalg.solve_triangular(self._L.mT, torch.baddbmm(t, W, v, alpha=-1.0),
+                                          upper=True)
         return torch.cat((x, v), dim=-2)
 
 
@@ -488,7 +513,7 @@ def _well_pivoted(L: torch.Tensor) -> torch.Tensor:
         return torch.ones(d.shape[0], dtype=torch.bool, device=L.device)
     # a NaN pivot fails the comparison, an infinite one (overflow in W^T W) the last test
     d_min, d_max = torch.aminmax(d, dim=-1)
-    return (d_min * d_min >= SCHUR_PIVOT_RTOL * (d_max * d_max)) & d_max.isfinite()
+    return (d_min >= _SCHUR_PIVOT_RATIO * d_max) & d_max.isfinite()
 
 
 class BatchedQuadraticKKT:
@@ -509,18 +534,24 @@ class BatchedQuadraticKKT:
         dev, dt = q.device, q.dtype
         C_all, c0_all, sense_all = with_bound_rows(C, c0, sense, lb, ub)
         sense_all = sense_all.to(dt)
-        valid_f = valid.to(dt).reshape(B, 1)
-        # failed members get harmless placeholder data (identity K, zero point)
-        x = torch.where(valid.reshape(B, 1), x, torch.zeros_like(x))
-        mu_all = torch.where(valid.reshape(B, 1), mu_all, torch.zeros_like(mu_all))
+        # (where every member is valid, the masks below are skipped: at small sizes each
+        # torch operation costs more than its arithmetic)
+        all_valid = bool(valid.all())
+        keep = valid.reshape(B, 1)
+        if not all_valid:
+            # failed members get harmless placeholder data (identity K, zero point)
+            x = torch.where(keep, x, 0.0)
+            mu_all = torch.where(keep, mu_all, 0.0)
 
-        residual = (C_all @ x.unsqueeze(-1)).squeeze(-1) + c0_all
+        residual = torch.baddbmm(c0_all.unsqueeze(-1), C_all, x.unsqueeze(-1)).squeeze(-1)
         C_abs = C_all.abs()
         row_scale = 1.0 + c0_all.abs() + C_abs.amax(-1) * (1.0 + x.abs().amax(-1, keepdim=True))
         binding = residual.abs() <= ACTIVE_RTOL * row_scale
         if active_hint is not None:
             binding = binding | active_hint
-        active = ((sense_all == 0) | binding) & valid.reshape(B, 1)
+        active = (sense_all == 0) | binding
+        if not all_valid:
+            active = active & keep
         mu_all = mu_all * active
 
         M = C_all.shape[1]
@@ -529,48 +560,56 @@ class BatchedQuadraticKKT:
         # S_b as indices: slot j holds row slot_rows[b, j] (a permutation's first k entries,
         # so the rows are distinct), used[b, j] says whether it is an active row
         self._slot_rows, self._used = slot_rows, used
-        SC = C_all.gather(1, slot_rows.unsqueeze(-1).expand(B, k, n)) * used.unsqueeze(-1)
-        K = KKTBlocks(torch.where(valid.reshape(B, 1, 1), P, torch.eye(n, dtype=dt, device=dev)),
-                      SC, used)
+        self._all_used = bool(used.all())
+        SC = C_all.gather(1, slot_rows.unsqueeze(-1).expand(B, k, n))
+        if not self._all_used:
+            SC = SC * used.unsqueeze(-1)
+        K = KKTBlocks(P if all_valid else torch.where(
+            valid.reshape(B, 1, 1), P, torch.eye(n, dtype=dt, device=dev)), SC, used,
+            self._all_used)
         gamma, scalar = _scalar_objective(P)
         ridge = scalar & (gamma > 0) & valid  # P = γI, γ > 0
         self._factor = ActiveSetFactorization(K, _kkt_pseudo_inverse, pinv_unless_schur=ridge)
-        self.singular = self._factor.singular & valid
+        self.singular = self._factor.singular if all_valid else self._factor.singular & valid
         self.n, self.m, self.M = n, m, M
 
         # Newton polish from the solver's point, kept per member where it is acceptable
-        x_new, mu_new = self._solve(-q * valid_f, -c0_all)
-        res_new = (C_all @ x_new.unsqueeze(-1)).squeeze(-1) + c0_all
+        x_new, mu_new = self._solve(-q if all_valid else -q * keep, -c0_all)
+        res_new = torch.baddbmm(c0_all.unsqueeze(-1), C_all, x_new.unsqueeze(-1)).squeeze(-1)
         feasible = (sense_all * res_new >= -ACTIVE_RTOL * row_scale).all(-1)
         mu_tol = 1e-7 * (1.0 + _amax(mu_new.abs(), keepdim=True))
-        dual_ok = (sense_all * mu_new <= mu_tol).all(-1)
+        # (a NaN or infinite x_new fails `close`; an infinite multiplier can pass the
+        # sign test, hence the test of mu_new)
+        dual_ok = (sense_all * mu_new <= mu_tol).all(-1) & mu_new.isfinite().all(-1)
         close = (x_new - x).abs().amax(-1) <= 1e-4 * (1.0 + x.abs().amax(-1))
-        finite = torch.isfinite(x_new).all(-1) & torch.isfinite(mu_new).all(-1)
-        accept = feasible & dual_ok & close & finite & ~self.singular & valid
-        x = torch.where(accept.reshape(B, 1), x_new, x)
-        mu_all = torch.where(accept.reshape(B, 1), mu_new, mu_all)
-        res = torch.where(accept.reshape(B, 1), res_new, residual)
+        accept = feasible & dual_ok & close & ~self.singular
+        if not all_valid:
+            accept = accept & valid
+        accept_col = accept.reshape(B, 1)
+        x = torch.where(accept_col, x_new, x)
+        mu_all = torch.where(accept_col, mu_new, mu_all)
+        res = torch.where(accept_col, res_new, residual)
 
         self.valid = valid
         self.x = x
         self.mu_all = mu_all
         self.mu = mu_all[:, :m]
         self.active = active[:, :m]
-        mu_scale = 1.0 + _amax(mu_all.abs(), keepdim=True)
-        self.weak = (active & (sense_all != 0) & (mu_all.abs() <= WEAK_RTOL * mu_scale)).any(-1)
+        mu_abs = mu_all.abs()
+        mu_scale = 1.0 + _amax(mu_abs, keepdim=True)
+        self.weak = (active & (sense_all != 0) & (mu_abs <= WEAK_RTOL * mu_scale)).any(-1)
 
         # relative KKT residual: stationarity, primal and dual feasibility
         Px = (P @ x.unsqueeze(-1)).squeeze(-1)
-        Cmu = (C_all.transpose(1, 2) @ mu_all.unsqueeze(-1)).squeeze(-1)
-        scale = 1.0 + torch.stack((q.abs().amax(-1), Px.abs().amax(-1),
-                                   _amax((C_abs.transpose(1, 2)
-                                          @ mu_all.abs().unsqueeze(-1)).squeeze(-1)))).amax(0)
+        stationarity = torch.baddbmm((Px + q).unsqueeze(-1), C_all.mT, mu_all.unsqueeze(-1))
+        scale = 1.0 + torch.maximum(torch.maximum(q.abs().amax(-1), Px.abs().amax(-1)),
+                                    _amax((C_abs.mT @ mu_abs.unsqueeze(-1)).squeeze(-1)))
         violation = torch.where(sense_all == 0, res.abs(), torch.relu(-sense_all * res))
-        self.kkt_residual = torch.stack((
-            (Px + q + Cmu).abs().amax(-1) / scale,
-            _amax(violation / row_scale),
-            _amax(torch.relu(sense_all * mu_all)) / scale,
-        )).amax(0) * valid_f.squeeze(-1)
+        self.kkt_residual = torch.maximum(
+            torch.maximum(stationarity.abs().amax((-2, -1)), _amax(torch.relu(sense_all * mu_all)))
+            / scale, _amax(violation / row_scale))
+        if not all_valid:
+            self.kkt_residual = self.kkt_residual * valid
 
     def _solve(self, rhs_x, rhs_rows):
         """``K⁻¹`` (``K⁺`` where singular) on ``[rhs_x; S rhs_rows]``, returned as the primal
@@ -582,9 +621,10 @@ class BatchedQuadraticKKT:
         rx = rhs_x.unsqueeze(-1) if vec else rhs_x.transpose(-1, -2)
         rr = rhs_rows.unsqueeze(-1) if vec else rhs_rows.transpose(-1, -2)
         rows = self._slot_rows.unsqueeze(-1).expand(*rr.shape[:-2], -1, rr.shape[-1])
-        used = self._used.unsqueeze(-1)
-        z = self._factor.solve(torch.cat((rx, rr.gather(-2, rows) * used), dim=-2))
-        z_rows = torch.zeros_like(rr).scatter(-2, rows, z[..., n:, :] * used)
+        used = None if self._all_used else self._used.unsqueeze(-1)
+        mask = (lambda t: t) if used is None else (lambda t: t * used)  # noqa: E731
+        z = self._factor.solve(torch.cat((rx, mask(rr.gather(-2, rows))), dim=-2))
+        z_rows = torch.zeros_like(rr).scatter(-2, rows, mask(z[..., n:, :]))
         z_x = z[..., :n, :]
         if vec:
             return z_x.squeeze(-1), z_rows.squeeze(-1)
@@ -602,10 +642,14 @@ class BatchedQuadraticKKT:
         and each of these products reads them once."""
         m = self.m
         x, mu = self.x, self.mu
-        dCx = torch.einsum("bdij,bj->bdi", dC, x) + dc0
-        dPx = torch.einsum("bdij,bj->bdi", dP, x)
-        dPtx = torch.einsum("bdji,bj->bdi", dP, x)
-        rhs_x = 0.5 * (dPx + dPtx) + dq + torch.einsum("bdij,bi->bdj", dC, mu)
+        # matmul against the point broadcast over the directions, not einsum: under vmap
+        # the tangents' vmapped dimension leads physically, and einsum's bmm would need
+        # the batch dimension first, a copy of each tangent (W6, 50 directions: 32 MB each)
+        x_col, x_row = x[:, None, :, None], x[:, None, None, :]
+        dCx = (dC @ x_col).squeeze(-1) + dc0
+        dPx = (dP @ x_col).squeeze(-1)
+        dPtx = (x_row @ dP).squeeze(-2)
+        rhs_x = 0.5 * (dPx + dPtx) + dq + (mu[:, None, None, :] @ dC).squeeze(-2)
         pad = rhs_x.new_zeros(*rhs_x.shape[:2], self.M - m)
         z_x, z_rows = self._solve(-rhs_x, -torch.cat((dCx, pad), dim=-1))
         df = (0.5 * torch.einsum("bdi,bi->bd", dPx, x) + torch.einsum("bdi,bi->bd", dq, x)

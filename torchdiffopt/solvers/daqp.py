@@ -80,8 +80,7 @@ def solve_daqp(P, q, C, c0, sense, lb=None, ub=None, *,
 
     dtype, device = q.dtype, q.device
     B, n = q.shape
-    as_np = lambda t: np.ascontiguousarray(t.detach().to("cpu", torch.float64).numpy())  # noqa: E731
-    P_np, q_np, C_np, c0_np = (as_np(t) for t in (P, q, C, c0))
+    P_np, q_np, C_np, c0_np = (_host_array(t) for t in (P, q, C, c0))
     sense_np = np.asarray(torch.as_tensor(sense).cpu()).astype(int)
     lb = np.full(n, -np.inf) if lb is None else np.asarray(lb, dtype=np.float64)
     ub = np.full(n, np.inf) if ub is None else np.asarray(ub, dtype=np.float64)
@@ -135,9 +134,17 @@ def solve_daqp(P, q, C, c0, sense, lb=None, ub=None, *,
     optimal = status == OPTIMAL
     equality = np.concatenate((sense_np, b_sense)) == 0
     active = (equality | (mu != 0)) & optimal[:, None]
-    back = lambda a, dt=dtype: torch.as_tensor(a, device=device).to(dt)  # noqa: E731
+    back = lambda a, dt=dtype: torch.as_tensor(a, dtype=dt, device=device)  # noqa: E731
     return IPMResult(x=back(x), mu=back(mu), active=back(active, torch.bool),
                      status=back(status, torch.int64), iterations=back(iterations, torch.int64))
+
+
+def _host_array(t: torch.Tensor) -> np.ndarray:
+    """``t`` as a C-contiguous float64 numpy array on the host (no copy where it is one)."""
+    t = t.detach()
+    if t.dtype != torch.float64 or t.device.type != "cpu":
+        t = t.to("cpu", torch.float64)
+    return np.ascontiguousarray(t.numpy())
 
 
 def solve_daqp_qp(problem: NumericQP) -> Solution:
