@@ -115,6 +115,8 @@ def _scalar_objective(P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     :func:`_kkt_pseudo_inverse` and :class:`ActiveSetFactorization` exploit."""
     S, n = P.shape[:2]
     gamma = P[:, 0, 0] if n else P.new_zeros(S)
+    if n > 1 and not bool((P[:, 0, 1] == 0).any()):  # a dense P: no member has P = γI
+        return gamma, torch.zeros(S, dtype=torch.bool, device=P.device)
     eye = torch.eye(n, dtype=P.dtype, device=P.device)
     return gamma, (P == gamma.reshape(S, 1, 1) * eye).flatten(1).all(-1) & (gamma >= 0)
 
@@ -545,11 +547,13 @@ class BatchedQuadraticKKT:
 
         residual = torch.baddbmm(c0_all.unsqueeze(-1), C_all, x.unsqueeze(-1)).squeeze(-1)
         C_abs = C_all.abs()
-        row_scale = 1.0 + c0_all.abs() + C_abs.amax(-1) * (1.0 + x.abs().amax(-1, keepdim=True))
+        x_size = 1.0 + x.abs().amax(-1, keepdim=True)
+        row_scale = 1.0 + c0_all.abs() + C_abs.amax(-1) * x_size
         binding = residual.abs() <= ACTIVE_RTOL * row_scale
         if active_hint is not None:
             binding = binding | active_hint
-        active = (sense_all == 0) | binding
+        equality = sense_all == 0
+        active = equality | binding
         if not all_valid:
             active = active & keep
         mu_all = mu_all * active
@@ -581,7 +585,7 @@ class BatchedQuadraticKKT:
         # (a NaN or infinite x_new fails `close`; an infinite multiplier can pass the
         # sign test, hence the test of mu_new)
         dual_ok = (sense_all * mu_new <= mu_tol).all(-1) & mu_new.isfinite().all(-1)
-        close = (x_new - x).abs().amax(-1) <= 1e-4 * (1.0 + x.abs().amax(-1))
+        close = (x_new - x).abs().amax(-1) <= 1e-4 * x_size.squeeze(-1)
         accept = feasible & dual_ok & close & ~self.singular
         if not all_valid:
             accept = accept & valid
@@ -597,14 +601,14 @@ class BatchedQuadraticKKT:
         self.active = active[:, :m]
         mu_abs = mu_all.abs()
         mu_scale = 1.0 + _amax(mu_abs, keepdim=True)
-        self.weak = (active & (sense_all != 0) & (mu_abs <= WEAK_RTOL * mu_scale)).any(-1)
+        self.weak = (active & ~equality & (mu_abs <= WEAK_RTOL * mu_scale)).any(-1)
 
         # relative KKT residual: stationarity, primal and dual feasibility
         Px = (P @ x.unsqueeze(-1)).squeeze(-1)
         stationarity = torch.baddbmm((Px + q).unsqueeze(-1), C_all.mT, mu_all.unsqueeze(-1))
         scale = 1.0 + torch.maximum(torch.maximum(q.abs().amax(-1), Px.abs().amax(-1)),
                                     _amax((C_abs.mT @ mu_abs.unsqueeze(-1)).squeeze(-1)))
-        violation = torch.where(sense_all == 0, res.abs(), torch.relu(-sense_all * res))
+        violation = torch.where(equality, res.abs(), torch.relu(-sense_all * res))
         self.kkt_residual = torch.maximum(
             torch.maximum(stationarity.abs().amax((-2, -1)), _amax(torch.relu(sense_all * mu_all)))
             / scale, _amax(violation / row_scale))
@@ -671,9 +675,10 @@ class BatchedQuadraticKKT:
         f_bar = f_bar * keep
         u, v = u * keep[:, None], v * keep[:, None]
         fx = f_bar[:, None] * x
-        P_bar = 0.5 * (torch.einsum("bi,bj->bij", u, x) + torch.einsum("bi,bj->bij", x, u)
-                       + torch.einsum("bi,bj->bij", fx, x))
         q_bar = u + fx
-        C_bar = torch.einsum("bi,bj->bij", mu, u + fx) + torch.einsum("bi,bj->bij", v, x)
+        # P̄ = ½(a xᵀ + x aᵀ) with a = u + ½ f̄ x; C̄ = [μ, v] [ū + f̄x, x]ᵀ: one product each
+        ax = (u + 0.5 * fx).unsqueeze(-1) @ x.unsqueeze(-2)
+        P_bar = 0.5 * (ax + ax.mT)
+        C_bar = torch.stack((mu, v), -1) @ torch.stack((q_bar, x), -2)
         c0_bar = v + f_bar[:, None] * mu
         return P_bar, q_bar, f_bar, C_bar, c0_bar
