@@ -129,11 +129,78 @@ def test_second_derivatives_are_refused_not_wrong():
         with pytest.raises(NotImplementedError, match="second derivatives"):
             nested(f)(Q)
     assert torch.func.grad(f)(Q).shape == Q.shape
-    assert torch.func.vmap(torch.func.grad(f))(Q.expand(2, -1, -1)).shape == (2, 3, 3)
+    Q2 = torch.stack((Q, Q + 0.1 * torch.eye(3, dtype=F64)))
+    per_sample = torch.func.vmap(torch.func.grad(f))(Q2)
+    assert torch.allclose(per_sample[1], torch.func.grad(f)(Q2[1]), atol=1e-12)
     A, b, c = torch.eye(2, dtype=F64), torch.ones(2, dtype=F64), -torch.ones(2, dtype=F64)
     g = lambda b_: tdo.functional.conic(A, b_, c, {"l": 2}).sum()  # noqa: E731
     with pytest.raises(NotImplementedError, match="second derivatives"):
         torch.func.hessian(g)(b)
+
+
+def _central_difference(f, x, dx, eps=1e-6):
+    return (f(x + eps * dx) - f(x - eps * dx)) / (2 * eps)
+
+
+#: derivative transforms composed with vmap, each as (name, batched derivative of
+#: f(Q, p) → x*, the same for one member)
+_VMAPPED_DERIVATIVES = {
+    # per-sample gradients: the vmap outside folds its members into one solve
+    "vmap(grad)": (lambda f: torch.func.vmap(torch.func.grad(lambda Q, p: f(Q, p).sum())),
+                   lambda f: torch.func.grad(lambda Q, p: f(Q, p).sum())),
+    "vmap(jacrev)": (lambda f: torch.func.vmap(torch.func.jacrev(f)), torch.func.jacrev),
+    "vmap(jacfwd)": (lambda f: torch.func.vmap(torch.func.jacfwd(f)), torch.func.jacfwd),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_VMAPPED_DERIVATIVES))
+def test_derivatives_under_vmap_are_each_members_own(name):
+    """vmap(grad(f)) and its kin fold the vmapped members into one solve; each slice's
+    derivative must be its own member's, as computed member by member (the derivative
+    used to combine every member's, silently), and match central differences."""
+    Q, p, G, h = optnet_qp(3, 4, 6, seed=5)
+    f = lambda Q_, p_: tdo.functional.qp(Q_, p_, G=G[0], h=h[0])  # noqa: E731
+    batched, single = _VMAPPED_DERIVATIVES[name]
+    got = batched(f)(Q, p)
+    for i in range(3):
+        assert torch.allclose(got[i], single(f)(Q[i], p[i]), atol=1e-10), i
+    # p's derivative (argnums 0 is Q): central differences of member 2 along dQ
+    dQ = torch.randn(4, 4, dtype=F64, generator=torch.Generator().manual_seed(1))
+    dQ = dQ + dQ.T
+    fd = _central_difference(lambda Q_: f(Q_, p[2]), Q[2], dQ)
+    if name == "vmap(grad)":
+        assert torch.allclose((got[2] * dQ).sum(), fd.sum(), atol=1e-6)
+    else:
+        assert torch.allclose((got[2] * dQ).sum((-2, -1)), fd, atol=1e-6)
+
+
+def test_nested_vmaps_and_vmap_inside_derivatives():
+    """Two folded vmaps over grad, and jacrev / jacfwd of a vmapped solve (the fold inside
+    the derivative: the Jacobian is block diagonal over the members)."""
+    Q, p, G, h = optnet_qp(2, 3, 4, seed=3)
+    f = lambda Q_, p_: tdo.functional.qp(Q_, p_, G=G[0], h=h[0])  # noqa: E731
+    g = torch.func.grad(lambda Q_, p_: f(Q_, p_).sum())
+    scales = torch.tensor([1.0, 1.1, 1.2], dtype=F64)[:, None, None, None]
+    twice = torch.func.vmap(torch.func.vmap(g))(Q * scales, p.expand(3, -1, -1))
+    for s in range(3):
+        for i in range(2):
+            assert torch.allclose(twice[s, i], g(Q[i] * scales[s, 0], p[i]), atol=1e-10)
+    for jac in (torch.func.jacrev, torch.func.jacfwd):
+        J = jac(lambda Q_: torch.func.vmap(f)(Q_, p))(Q)          # (2, 3, 2, 3, 3)
+        for i in range(2):
+            assert torch.allclose(J[i, :, i], jac(f)(Q[i], p[i]), atol=1e-10)
+            assert float(J[i, :, 1 - i].abs().max()) == 0.0
+
+
+def test_conic_derivatives_under_vmap_are_each_members_own():
+    A, c = torch.eye(2, dtype=F64), -torch.ones(2, dtype=F64)
+    b = torch.tensor([[1.0, 2.0], [3.0, 0.5]], dtype=F64)
+    f = lambda b_: tdo.functional.conic(A, b_, c, {"l": 2}) ** 2  # noqa: E731
+    g = torch.func.grad(lambda b_: f(b_).sum())
+    assert torch.allclose(torch.func.vmap(g)(b), torch.stack([g(row) for row in b]))
+    assert torch.allclose(torch.func.vmap(torch.func.jacfwd(f))(b),
+                          torch.stack([torch.func.jacfwd(f)(row) for row in b]))
+    assert torch.allclose(torch.func.vmap(g)(b)[1], 2 * b[1])  # x* = b: ∂Σx²/∂b = 2b
 
 
 @pytest.mark.parametrize("with_equalities", [False, True])

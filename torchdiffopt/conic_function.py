@@ -42,7 +42,9 @@ from .backends.conic import ConicDerivative
 from .backends.cones import ConeDims, kinks, project_rows
 from .errors import NonconvexError, warn_degenerate
 from .linalg.factorization import DENSE_MAX_ORDER
-from .qp_function import _positive_definite, reject_nested_derivatives, vmap_by_folding
+from .folding import derivative_under_transforms, is_transformed, reject_nested_derivatives, \
+    vmap_by_folding
+from .qp_function import _positive_definite
 from .solvers import BATCHED_CONIC_SOLVERS, conic_solver, solve_scs_conic
 from .solvers.batch import record_outcomes, solve_each, status_of
 from .solvers.conic_ipm import solve_ipm_conic, supports
@@ -232,20 +234,33 @@ class ConicSolve(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.derivative = inputs[0].derivative
+        ctx.folded = getattr(inputs[0], "folded_levels", frozenset())
         ctx.set_materialize_grads(True)
 
     @staticmethod
     def backward(ctx, x_bar, y_bar, s_bar):
-        return (None, *ctx.derivative.vjp(x_bar, y_bar, s_bar), None)
+        d = ctx.derivative
+        if ctx.folded and is_transformed(x_bar, y_bar, s_bar):
+            return (None, *derivative_under_transforms(d.vjp, ctx.folded, x_bar, y_bar, s_bar),
+                    None)
+        return (None, *d.vjp(x_bar, y_bar, s_bar), None)
 
     @staticmethod
     def jvp(ctx, _call_tangent, dP_vals, dc, dA_vals, db, _margins_tangent):
         d = ctx.derivative
-        B, pt = d.x.shape[0], d.pattern
+        pt = d.pattern
+        given = next((t for t in (dP_vals, dc, dA_vals, db) if t is not None), None)
+        # the tangents' batch: under a folded vmap it is not the derivative's
+        B = d.x.shape[0] if given is None else given.shape[0]
         tangents = [d.x.new_zeros(B, size) if t is None else t for t, size in
                     ((dP_vals, len(pt.P_rows)), (dc, pt.n), (dA_vals, len(pt.A_rows)),
                      (db, pt.m))]
-        return tuple(o.squeeze(1) for o in d.jvp(*(t.unsqueeze(1) for t in tangents)))
+
+        def jvp(*tangents):
+            return tuple(o.squeeze(1) for o in d.jvp(*(t.unsqueeze(1) for t in tangents)))
+        if ctx.folded and is_transformed(*tangents):
+            return derivative_under_transforms(jvp, ctx.folded, *tangents)
+        return jvp(*tangents)
 
     @staticmethod
     def vmap(info, in_dims, call, *tensors):

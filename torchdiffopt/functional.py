@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from .conic_function import conic
-from .qp_function import (QPSolve, QPStructure, SolveCall, failure_error,
-                          reject_nested_derivatives)
+from .folding import reject_nested_derivatives
+from .qp_function import QPSolve, QPStructure, SolveCall, failure_error
 
 _F64 = torch.float64
 
@@ -76,7 +76,8 @@ def qp(P, q, A=None, b=None, G=None, h=None, *, lb=None, ub=None, solver=None,
     # forward-mode call)
     C = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1) if blocks else \
         q.new_zeros(B, 0, n, dtype=_F64)
-    c0 = -torch.cat((batch(b, 0), batch(h, 0)), dim=1)
+    c0 = -(batch(h, 0) if not n_eq else batch(b, 0) if not n_in else
+           torch.cat((batch(b, 0), batch(h, 0)), dim=1))
     call = SolveCall(structure)
     reject_nested_derivatives()
     x, mu, _ = QPSolve.apply(call, batch(P, 2), batch(q, 0), q.new_zeros(B, dtype=_F64),

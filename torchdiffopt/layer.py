@@ -34,8 +34,8 @@ from .modeling.expressions import Parameter, Variable
 from .modeling.model import ConstraintRef, Model, ObjectiveRef
 from .nlp_function import NLPCall, NLPSolve
 from .pipelines import ConicPipeline, NonlinearPipeline, pipeline_for
-from .qp_function import (QPSolve, QPStructure, SolveCall, failure_error,
-                          reject_nested_derivatives)
+from .folding import reject_nested_derivatives
+from .qp_function import QPSolve, QPStructure, SolveCall, failure_error
 
 _F64 = torch.float64
 

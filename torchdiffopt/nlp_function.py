@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .pipelines import NonlinearPipeline
-from .qp_function import vmap_by_folding
+from .folding import vmap_by_folding
 from .solvers.batch import record_outcomes, solve_each
 
 _F64 = torch.float64

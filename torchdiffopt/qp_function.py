@@ -27,6 +27,7 @@ import torch
 from .backends.batched_quadratic import BatchedQuadraticKKT, with_bound_rows
 from .backends.quadratic import DataTangent, QuadraticKKT, bound_rows, check_convex
 from .errors import NonconvexError, SolverError, warn_degenerate
+from .folding import derivative_under_transforms, is_transformed, vmap_by_folding
 from .linalg.factorization import DENSE_MAX_ORDER
 from .solvers import NumericQP, qp_solver, solve_highs, solve_scs
 from .solvers.batch import record_outcomes, solve_each, solve_qpth
@@ -138,7 +139,8 @@ class DenseBatchKKT:
         return self.kkt.jvp(st.dense_P(dP_vals, symmetric=False), dq, dr,
                             st.dense_C(dC_vals), dc0)
 
-    def vjp(self, x_bar, mu_bar, f_bar):
+    def vjp(self, x_bar, mu_bar=None, f_bar=None):
+        """Cotangents of the stored entries; ``mu_bar``, ``f_bar`` None for zero seeds."""
         st = self.structure
         P_bar, q_bar, r_bar, C_bar, c0_bar = self.kkt.vjp(x_bar, mu_bar, f_bar)
         return st.P_entries(P_bar), q_bar, r_bar, st.C_entries(C_bar), c0_bar
@@ -174,10 +176,12 @@ class MemberwiseKKT:
                 dx[b, d], dmu[b, d], df[b, d] = kkt.jvp(tangent)
         return tuple(torch.as_tensor(a, dtype=_F64, device=dq.device) for a in (dx, dmu, df))
 
-    def vjp(self, x_bar, mu_bar, f_bar):
-        self._check_plain(x_bar, mu_bar, f_bar)
+    def vjp(self, x_bar, mu_bar=None, f_bar=None):
         st = self.structure
         B = x_bar.shape[0]
+        mu_bar = x_bar.new_zeros(B, st.m) if mu_bar is None else mu_bar
+        f_bar = x_bar.new_zeros(B) if f_bar is None else f_bar
+        self._check_plain(x_bar, mu_bar, f_bar)
         xb, mb, fb = (t.detach().cpu().numpy() for t in (x_bar, mu_bar, f_bar))
         out = [np.zeros((B, len(st.P_rows))), np.zeros((B, st.n)), np.zeros(B),
                np.zeros((B, len(st.C_rows))), np.zeros((B, st.m))]
@@ -436,6 +440,14 @@ def _device_default(device) -> str:
     return "daqp" if device.type == "cpu" else "ipm"
 
 
+def _valid_seeds(valid, x_bar, mu_bar, f_bar):
+    """The seeds with failed members' rows zeroed (their outputs are NaN; None stays None)."""
+    keep = valid.reshape(-1, 1)
+    return (torch.where(keep, x_bar, 0.0),
+            None if mu_bar is None else torch.where(keep, mu_bar, 0.0),
+            None if f_bar is None else torch.where(valid, f_bar, 0.0))
+
+
 class QPSolve(torch.autograd.Function):
     """``(P_vals, q, r, C_vals, c0) ↦ (x*, μ*, f*)`` for a batch (leading dimension ``B``)
     of internal QPs, in float64. ``backward`` is the vector-Jacobian product, ``jvp`` the
@@ -450,67 +462,48 @@ class QPSolve(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         call = inputs[0]
         ctx.kkt, ctx.structure, ctx.like = call.kkt, call.structure, inputs[2]
-        ctx.set_materialize_grads(True)
+        # seeds of unused outputs stay None: most callers use x* alone, and the backward
+        # skips the terms of the others instead of multiplying zeros
+        ctx.set_materialize_grads(False)
+        ctx.all_valid = bool(call.kkt.valid.all())
+        ctx.folded = getattr(call, "folded_levels", frozenset())
 
     @staticmethod
     def backward(ctx, x_bar, mu_bar, f_bar):
-        keep = ctx.kkt.valid
-        x_bar = torch.where(keep.reshape(-1, 1), x_bar, 0.0)
-        mu_bar = torch.where(keep.reshape(-1, 1), mu_bar, 0.0)
-        f_bar = torch.where(keep, f_bar, 0.0)
-        return (None, *ctx.kkt.vjp(x_bar, mu_bar, f_bar))
+        kkt, st = ctx.kkt, ctx.structure
+        if ctx.folded and is_transformed(x_bar, mu_bar, f_bar):
+            # every seed a tensor, of the seeds' batch (under a folded vmap, not the kkt's)
+            B = next(t for t in (x_bar, mu_bar, f_bar) if t is not None).shape[0]
+            zeros = lambda *shape: ctx.like.new_zeros(B, *shape)  # noqa: E731
+            seeds = (zeros(st.n) if x_bar is None else x_bar,
+                     zeros(st.m) if mu_bar is None else mu_bar,
+                     zeros() if f_bar is None else f_bar)
+            return (None, *derivative_under_transforms(
+                lambda *s: kkt.vjp(*_valid_seeds(kkt.valid, *s)), ctx.folded, *seeds))
+        if x_bar is None:
+            x_bar = ctx.like.new_zeros(ctx.like.shape[0], st.n)
+        if not ctx.all_valid:
+            x_bar, mu_bar, f_bar = _valid_seeds(kkt.valid, x_bar, mu_bar, f_bar)
+        return (None, *kkt.vjp(x_bar, mu_bar, f_bar))
 
     @staticmethod
-    def jvp(ctx, _call_tangent, dP_vals, dq, dr, dC_vals, dc0):
-        st, like = ctx.structure, ctx.like
-        B = like.shape[0]
-        zeros = lambda *shape: like.new_zeros(B, *shape)  # noqa: E731
-        tangents = (zeros(len(st.P_rows)) if dP_vals is None else dP_vals,
-                    zeros(st.n) if dq is None else dq,
-                    zeros() if dr is None else dr,
-                    zeros(len(st.C_rows)) if dC_vals is None else dC_vals,
-                    zeros(st.m) if dc0 is None else dc0)
-        dx, dmu, df = ctx.kkt.jvp(*(t.unsqueeze(1) for t in tangents))
-        return dx.squeeze(1), dmu.squeeze(1), df.squeeze(1)
+    def jvp(ctx, _call_tangent, *tangents):
+        st, kkt = ctx.structure, ctx.kkt
+        given = next((t for t in tangents if t is not None), None)
+        B = ctx.like.shape[0] if given is None else given.shape[0]
+        sizes = (len(st.P_rows), st.n, None, len(st.C_rows), st.m)
+        tangents = tuple(ctx.like.new_zeros(B, *(() if size is None else (size,)))
+                         if t is None else t for t, size in zip(tangents, sizes))
+
+        def jvp(*tangents):
+            return tuple(o.squeeze(1) for o in kkt.jvp(*(t.unsqueeze(1) for t in tangents)))
+        if ctx.folded and is_transformed(*tangents):
+            return derivative_under_transforms(jvp, ctx.folded, *tangents)
+        return jvp(*tangents)
 
     @staticmethod
     def vmap(info, in_dims, call, *tensors):
         return vmap_by_folding(QPSolve, info, in_dims, call, tensors)
-
-
-def reject_nested_derivatives() -> None:
-    """Raise NotImplementedError under two or more nested differentiating ``torch.func``
-    transforms (``hessian``, ``jacfwd(jacrev(…))``, ``grad(grad(…))``). The solution maps'
-    ``backward`` and ``jvp`` use the factorization of the optimality conditions as a constant,
-    which is exact to first order only: a second derivative through them would silently
-    miss the terms where that factorization moves. ``vmap`` over one derivative is fine."""
-    from torch._C._functorch import TransformType
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-
-    levels = [i.key() for i in retrieve_all_functorch_interpreters()]
-    if sum(k in (TransformType.Grad, TransformType.Jvp) for k in levels) > 1:
-        raise NotImplementedError(
-            "second derivatives of an optimization layer (nested grad/jvp transforms such as "
-            "torch.func.hessian) are not supported: its derivatives are exact to first "
-            "order only")
-
-
-def vmap_by_folding(function, info, in_dims, call, tensors):
-    """The ``vmap`` rule of a batched autograd function ``function.apply(call, *tensors)``
-    whose tensors all lead with the batch dimension: the vmapped dimension is folded into
-    the batch (``(V, B, …) → (V·B, …)``), solved once, and unfolded. Inputs without the
-    vmapped dimension are expanded; if none has it, the call is passed through."""
-    dims = in_dims[1:]
-    if all(d is None for d in dims):
-        outs = function.apply(call, *tensors)
-        return outs, (None,) * len(outs)
-    V = info.batch_size
-    merged = []
-    for t, d in zip(tensors, dims):
-        t = t.unsqueeze(0).expand(V, *t.shape) if d is None else t.movedim(d, 0)
-        merged.append(t.reshape(V * t.shape[1], *t.shape[2:]))
-    outs = function.apply(call, *merged)
-    return tuple(o.reshape(V, -1, *o.shape[1:]) for o in outs), (0,) * len(outs)
 
 
 def failure_error(status: list, errors: dict) -> Exception:

@@ -663,22 +663,31 @@ class BatchedQuadraticKKT:
                 df * keep[:, None])
 
     # -- reverse mode ---------------------------------------------------------------------
-    def vjp(self, x_bar, mu_bar, f_bar):
+    def vjp(self, x_bar, mu_bar=None, f_bar=None):
         """Data cotangents ``(P̄, q̄, r̄, C̄, c̄0)`` for seeds ``x̄ (B, n)``, ``μ̄ (B, m)`` and
-        ``f̄ (B,)``; zero for failed members."""
-        m = self.m
+        ``f̄ (B,)`` (None: zero, and its terms skipped); zero for failed members."""
+        m, M = self.m, self.M
         x, mu = self.x, self.mu
-        keep = self.valid.to(x.dtype)
-        pad = x_bar.new_zeros(x_bar.shape[0], self.M - m)
-        u, v = self._solve(-x_bar, -torch.cat((mu_bar, pad), dim=-1))
-        v = v[:, :m]
-        f_bar = f_bar * keep
-        u, v = u * keep[:, None], v * keep[:, None]
-        fx = f_bar[:, None] * x
-        q_bar = u + fx
-        # P̄ = ½(a xᵀ + x aᵀ) with a = u + ½ f̄ x; C̄ = [μ, v] [ū + f̄x, x]ᵀ: one product each
-        ax = (u + 0.5 * fx).unsqueeze(-1) @ x.unsqueeze(-2)
+        B = x_bar.shape[0]
+        if mu_bar is None:
+            # (a zero seed under a torch.func transform must be wrapped like x̄)
+            rows = torch.zeros_like(x_bar[:, :1]).expand(-1, M) if \
+                torch._C._functorch.is_functorch_wrapped_tensor(x_bar) else x_bar.new_zeros(B, M)
+        else:
+            rows = mu_bar if M == m else torch.cat((mu_bar, mu_bar.new_zeros(B, M - m)), -1)
+        u, v = self._solve(x_bar, rows)
+        u, v = -u, -v[:, :m]
+        if not bool(self.valid.all()):
+            keep = self.valid.to(x.dtype)
+            u, v = u * keep[:, None], v * keep[:, None]
+            f_bar = None if f_bar is None else f_bar * keep
+        if f_bar is None:
+            q_bar, a, c0_bar = u, u, v
+        else:
+            fx = f_bar[:, None] * x
+            q_bar, a, c0_bar = u + fx, u + 0.5 * fx, v + f_bar[:, None] * mu
+        # P̄ = ½(a xᵀ + x aᵀ) with a = u + ½ f̄ x; C̄ = [μ, v] [q̄, x]ᵀ: one product each
+        ax = a.unsqueeze(-1) @ x.unsqueeze(-2)
         P_bar = 0.5 * (ax + ax.mT)
         C_bar = torch.stack((mu, v), -1) @ torch.stack((q_bar, x), -2)
-        c0_bar = v + f_bar[:, None] * mu
         return P_bar, q_bar, f_bar, C_bar, c0_bar
