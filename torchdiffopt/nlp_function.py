@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .pipelines import NonlinearPipeline
-from .folding import vmap_by_folding
+from .folding import derivative_under_transforms, is_transformed, vmap_by_folding
 from .solvers.batch import record_outcomes, solve_each
 
 _F64 = torch.float64
@@ -72,12 +72,24 @@ class NLPSolve(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         ctx.call = inputs[0]
         ctx.like = [t.detach() for t in inputs[1:]]
+        ctx.folded = getattr(ctx.call, "folded_levels", frozenset())
         ctx.set_materialize_grads(True)
 
+    # the members' derivatives run in numpy: under torch.func transforms they take plain
+    # seeds, folded or one slice at a time (folding.derivative_under_transforms)
     @staticmethod
     def backward(ctx, x_bar, mu_bar, f_bar):
+        seeds = (x_bar, mu_bar, f_bar)
+        if is_transformed(*seeds):
+            return (None, *derivative_under_transforms(
+                lambda *s: NLPSolve._vjp(ctx, *s), ctx.folded, *seeds))
+        return (None, *NLPSolve._vjp(ctx, *seeds))
+
+    @staticmethod
+    def _vjp(ctx, x_bar, mu_bar, f_bar):
         call, like = ctx.call, ctx.like
-        grads = [torch.zeros_like(t) for t in like]
+        B = x_bar.shape[0]
+        grads = [x_bar.new_zeros(B, *t.shape[1:], dtype=t.dtype) for t in like]
         xb, mb, fb = (t.detach().cpu().numpy() for t in (x_bar, mu_bar, f_bar))
         for b, solved in enumerate(call.solved):
             if solved is None:
@@ -85,15 +97,25 @@ class NLPSolve(torch.autograd.Function):
             member_grads, _ = call.pipeline.reverse(solved, xb[b], mb[b], float(fb[b]))
             for g, mg in zip(grads, member_grads):
                 g[b] = mg.to(g.device, g.dtype)
-        return (None, *grads)
+        return tuple(grads)
 
     @staticmethod
     def jvp(ctx, _call_tangent, *directions):
+        given = next((d for d in directions if d is not None), None)
+        B = len(ctx.call.solved) if given is None else given.shape[0]
+        directions = [t.new_zeros(B, *t.shape[1:]) if d is None else d
+                      for t, d in zip(ctx.like, directions)]
+        if is_transformed(*directions):
+            return derivative_under_transforms(
+                lambda *d: NLPSolve._jvp(ctx, *d), ctx.folded, *directions)
+        return NLPSolve._jvp(ctx, *directions)
+
+    @staticmethod
+    def _jvp(ctx, *directions):
         call, like = ctx.call, ctx.like
         B = len(call.solved)
         n, m = call.pipeline.form.n, call.pipeline.form.m
         dx, dmu, df = np.zeros((B, n)), np.zeros((B, m)), np.zeros(B)
-        directions = [torch.zeros_like(t) if d is None else d for t, d in zip(like, directions)]
         for b, solved in enumerate(call.solved):
             if solved is None:
                 continue
