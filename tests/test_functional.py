@@ -192,6 +192,27 @@ def test_nested_vmaps_and_vmap_inside_derivatives():
             assert float(J[i, :, 1 - i].abs().max()) == 0.0
 
 
+def test_fixed_seeds_inside_vmap_and_vmap_over_grads_after_it():
+    """A cotangent or tangent that the vmap does not batch (the same for every member), and
+    a vmap over torch.autograd.grad of a forward whose own vmap has ended (its seeds span
+    every member: they must not be folded again)."""
+    Q, p, G, h = optnet_qp(2, 3, 4, seed=3)
+    f = lambda Q_, p_: tdo.functional.qp(Q_, p_, G=G[0], h=h[0])  # noqa: E731
+    w = torch.tensor([1.0, -2.0, 0.5], dtype=F64)
+    got = torch.func.vmap(lambda Q_, p_: torch.func.vjp(lambda q: f(Q_, q), p_)[1](w)[0])(Q, p)
+    for i in range(2):
+        assert torch.allclose(got[i], torch.func.vjp(lambda q: f(Q[i], q), p[i])[1](w)[0])
+    got = torch.func.vmap(lambda Q_, p_: torch.func.jvp(lambda q: f(Q_, q), (p_,), (w,))[1])(Q, p)
+    for i in range(2):
+        assert torch.allclose(got[i], torch.func.jvp(lambda q: f(Q[i], q), (p[i],), (w,))[1])
+    leaf = p.clone().requires_grad_()
+    x = torch.func.vmap(f)(Q, leaf)
+    E = torch.randn(4, 2, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+    got = torch.func.vmap(lambda e: torch.autograd.grad(x, leaf, e, retain_graph=True)[0])(E)
+    for k in range(4):
+        assert torch.allclose(got[k], torch.autograd.grad(x, leaf, E[k], retain_graph=True)[0])
+
+
 def test_conic_derivatives_under_vmap_are_each_members_own():
     A, c = torch.eye(2, dtype=F64), -torch.ones(2, dtype=F64)
     b = torch.tensor([[1.0, 2.0], [3.0, 0.5]], dtype=F64)
@@ -201,6 +222,9 @@ def test_conic_derivatives_under_vmap_are_each_members_own():
     assert torch.allclose(torch.func.vmap(torch.func.jacfwd(f))(b),
                           torch.stack([torch.func.jacfwd(f)(row) for row in b]))
     assert torch.allclose(torch.func.vmap(g)(b)[1], 2 * b[1])  # x* = b: ∂Σx²/∂b = 2b
+    db = torch.tensor([1.0, -2.0], dtype=F64)  # a tangent the vmap does not batch
+    assert torch.allclose(torch.func.vmap(lambda b_: torch.func.jvp(f, (b_,), (db,))[1])(b),
+                          2 * b * db)
 
 
 @pytest.mark.parametrize("with_equalities", [False, True])

@@ -42,7 +42,7 @@ from .backends.conic import ConicDerivative
 from .backends.cones import ConeDims, kinks, project_rows
 from .errors import NonconvexError, warn_degenerate
 from .linalg.factorization import DENSE_MAX_ORDER
-from .folding import derivative_under_transforms, is_transformed, reject_nested_derivatives, \
+from .folding import derivative_under_transforms, reject_nested_derivatives, seed_batch, \
     vmap_by_folding
 from .qp_function import _positive_definite
 from .solvers import BATCHED_CONIC_SOLVERS, conic_solver, solve_scs_conic
@@ -235,31 +235,33 @@ class ConicSolve(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         ctx.derivative = inputs[0].derivative
         ctx.folded = getattr(inputs[0], "folded_levels", frozenset())
+        ctx.inputs = inputs[1:]
         ctx.set_materialize_grads(True)
 
     @staticmethod
     def backward(ctx, x_bar, y_bar, s_bar):
         d = ctx.derivative
-        if ctx.folded and is_transformed(x_bar, y_bar, s_bar):
-            return (None, *derivative_under_transforms(d.vjp, ctx.folded, x_bar, y_bar, s_bar),
-                    None)
+        members = d.x.shape[0]
+        if x_bar.shape[0] != members:  # the seeds of one slice of a folded vmap (folding.py)
+            return (None, *derivative_under_transforms(d.vjp, ctx.folded, members, ctx.inputs,
+                                                       x_bar, y_bar, s_bar), None)
         return (None, *d.vjp(x_bar, y_bar, s_bar), None)
 
     @staticmethod
     def jvp(ctx, _call_tangent, dP_vals, dc, dA_vals, db, _margins_tangent):
         d = ctx.derivative
         pt = d.pattern
-        given = next((t for t in (dP_vals, dc, dA_vals, db) if t is not None), None)
         # the tangents' batch: under a folded vmap it is not the derivative's
-        B = d.x.shape[0] if given is None else given.shape[0]
+        members = d.x.shape[0]
+        B = seed_batch(dP_vals, dc, dA_vals, db) or members
         tangents = [d.x.new_zeros(B, size) if t is None else t for t, size in
                     ((dP_vals, len(pt.P_rows)), (dc, pt.n), (dA_vals, len(pt.A_rows)),
                      (db, pt.m))]
 
         def jvp(*tangents):
             return tuple(o.squeeze(1) for o in d.jvp(*(t.unsqueeze(1) for t in tangents)))
-        if ctx.folded and is_transformed(*tangents):
-            return derivative_under_transforms(jvp, ctx.folded, *tangents)
+        if B != members:
+            return derivative_under_transforms(jvp, ctx.folded, members, ctx.inputs, *tangents)
         return jvp(*tangents)
 
     @staticmethod

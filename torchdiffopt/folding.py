@@ -13,14 +13,16 @@ A derivative transform inside the vmap (``vmap(grad(f))``: per-sample gradients,
 ``vmap(jacrev(f))``, ``vmap(jvp(f))``) calls ``backward`` / ``jvp`` with seeds batched at
 that vmap's level, whose logical batch is ``B``: each vmapped slice must meet its own ``B``
 members of the ``V·B``, which a per-operation batching rule cannot select (it would
-broadcast every slice against all of them). :func:`derivative_under_transforms` routes such
-a derivative through an autograd function of its own whose ``vmap`` rule, at each level the
-forward folded (recorded on the call object by :func:`vmap_by_folding`), folds the seeds the
-same way, so slice ``v`` meets members ``v·B … v·B + B − 1``; at a level the forward did not
-fold (the vmap of ``jacrev`` in ``vmap(jacrev(f))``), the slices are taken one at a time, so
-that the folded level below meets each. Without a folded level (``jacrev(f)``,
-``jacfwd(f)``: many seeds against one solve) the solution maps run their derivative's
-operations on the transformed seeds directly.
+broadcast every slice against all of them). The solution maps recognise such seeds by
+their batch, smaller than the factorization's, and route the derivative through
+:func:`derivative_under_transforms`: an autograd function of its own whose ``vmap`` rule, at
+each level the forward folded (recorded on the call object by :func:`vmap_by_folding`),
+folds the seeds the same way, so slice ``v`` meets members ``v·B … v·B + B − 1``. At a level
+the forward did not fold (the vmap of ``jacrev`` in ``vmap(jacrev(f))``) the slices are taken
+one at a time, so that the folded level below meets each. Seeds with the factorization's
+batch (``jacrev(f)``, ``jacfwd(f)``, ``jacrev(vmap(f))``: many seeds against one solve, or a
+vmap over ``autograd.grad`` after the forward's vmap has ended) are handled by the
+derivative's own torch operations, vmapped as they are.
 """
 
 from __future__ import annotations
@@ -80,29 +82,41 @@ def is_transformed(*tensors) -> bool:
                for t in tensors)
 
 
-def derivative_under_transforms(fn, folded_levels, *seeds: torch.Tensor):
+def derivative_under_transforms(fn, folded_levels, members: int, inputs, *seeds):
     """``fn(*seeds)`` (a tuple of tensors, each leading with the batch dimension, as do the
-    ``seeds``) for a derivative of a solution map whose forward folded the vmap levels
-    ``folded_levels`` (its call's ``folded_levels``), called under ``torch.func``
-    transforms; see the module docstring."""
-    return _MemberDerivative.apply(_Derivative(fn, frozenset(folded_levels)), *seeds)
+    ``seeds``) for a derivative of a solution map under ``torch.func`` transforms, where the
+    seeds' batch is not the ``members`` its factorizations hold: the seeds of one slice of
+    vmaps the forward folded (at the levels ``folded_levels``, its call's
+    ``folded_levels``); see the module docstring. ``inputs`` are the forward's tensor inputs
+    as its autograd function saw them: one entry of each travels along as an anchor, so
+    that every folded level's rule runs, also for seeds it does not batch (a fixed
+    cotangent inside the vmap)."""
+    anchors = [t.reshape(t.shape[0], -1)[:, :1] for t in inputs]
+    derivative = _Derivative(fn, frozenset(folded_levels), members, len(anchors))
+    return _MemberDerivative.apply(derivative, *anchors, *seeds)
+
+
+def seed_batch(*seeds) -> int | None:
+    """The (logical) batch of the first seed that is not None."""
+    return next((t.shape[0] for t in seeds if t is not None), None)
 
 
 class _Derivative:
-    """The derivative ``fn`` and the vmap levels its solution map's forward folded."""
+    """The derivative ``fn``, the vmap levels its solution map's forward folded and the
+    number of members its factorizations hold."""
 
-    def __init__(self, fn, folded: frozenset):
-        self.fn, self.folded = fn, folded
+    def __init__(self, fn, folded: frozenset, members: int, n_anchors: int):
+        self.fn, self.folded, self.members, self.n_anchors = fn, folded, members, n_anchors
 
 
 class _MemberDerivative(torch.autograd.Function):
-    """``apply(derivative, *seeds) = derivative.fn(*seeds)``, with the ``vmap`` rule of
-    :func:`derivative_under_transforms`. Not differentiable itself: a derivative of it is a
-    second derivative of the solution map."""
+    """``apply(derivative, *anchors, *seeds) = derivative.fn(*seeds)``, with the ``vmap``
+    rule of :func:`derivative_under_transforms`. Not differentiable itself: a derivative of
+    it is a second derivative of the solution map."""
 
     @staticmethod
-    def forward(derivative, *seeds):
-        return tuple(derivative.fn(*seeds))
+    def forward(derivative, *tensors):
+        return tuple(derivative.fn(*tensors[derivative.n_anchors:]))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -117,15 +131,19 @@ class _MemberDerivative(torch.autograd.Function):
         raise NotImplementedError(_SECOND_DERIVATIVES)
 
     @staticmethod
-    def vmap(info, in_dims, derivative, *seeds):
+    def vmap(info, in_dims, derivative, *tensors):
         dims = in_dims[1:]
-        if all(d is None for d in dims):
-            outs = _MemberDerivative.apply(derivative, *seeds)
-            return outs, (None,) * len(outs)
-        if _level() in derivative.folded:  # the forward folded this level: fold alike
-            return vmap_by_folding(_MemberDerivative, info, in_dims, derivative, seeds)
-        # a level the forward did not fold: each slice on its own, through the levels below
+        seed, dim = tensors[derivative.n_anchors], dims[derivative.n_anchors]
+        batch = seed.shape[1 if dim == 0 else 0]  # the seeds' logical batch
+        # a level the forward folded, whose V slices of `batch` seeds make up (a fold of
+        # a level above makes up) the members: fold alike. (Levels are stack depths: the
+        # size test rejects an unrelated vmap at a folded level's depth, whose seeds span
+        # every member.)
+        if _level() in derivative.folded and \
+                derivative.members % (info.batch_size * batch) == 0:
+            return vmap_by_folding(_MemberDerivative, info, in_dims, derivative, tensors)
+        # any other level: each slice on its own, through the levels below
         slices = [_MemberDerivative.apply(derivative, *(
-            t if d is None else t.select(d, v) for t, d in zip(seeds, dims)))
+            t if d is None else t.select(d, v) for t, d in zip(tensors, dims)))
             for v in range(info.batch_size)]
         return tuple(torch.stack(outs) for outs in zip(*slices)), (0,) * len(slices[0])

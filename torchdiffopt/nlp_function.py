@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .pipelines import NonlinearPipeline
-from .folding import derivative_under_transforms, is_transformed, vmap_by_folding
+from .folding import derivative_under_transforms, is_transformed, seed_batch, vmap_by_folding
 from .solvers.batch import record_outcomes, solve_each
 
 _F64 = torch.float64
@@ -80,15 +80,17 @@ class NLPSolve(torch.autograd.Function):
     @staticmethod
     def backward(ctx, x_bar, mu_bar, f_bar):
         seeds = (x_bar, mu_bar, f_bar)
-        if is_transformed(*seeds):
+        members = len(ctx.call.solved)
+        if x_bar.shape[0] != members or is_transformed(*seeds):
             return (None, *derivative_under_transforms(
-                lambda *s: NLPSolve._vjp(ctx, *s), ctx.folded, *seeds))
+                lambda *s: NLPSolve._vjp(ctx, *s), ctx.folded, members, ctx.like, *seeds))
         return (None, *NLPSolve._vjp(ctx, *seeds))
 
     @staticmethod
     def _vjp(ctx, x_bar, mu_bar, f_bar):
         call, like = ctx.call, ctx.like
-        B = x_bar.shape[0]
+        B = len(call.solved)
+        assert x_bar.shape[0] == B, "seeds for every member"
         grads = [x_bar.new_zeros(B, *t.shape[1:], dtype=t.dtype) for t in like]
         xb, mb, fb = (t.detach().cpu().numpy() for t in (x_bar, mu_bar, f_bar))
         for b, solved in enumerate(call.solved):
@@ -101,13 +103,14 @@ class NLPSolve(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, _call_tangent, *directions):
-        given = next((d for d in directions if d is not None), None)
-        B = len(ctx.call.solved) if given is None else given.shape[0]
+        members = len(ctx.call.solved)
+        B = seed_batch(*directions) or members
         directions = [t.new_zeros(B, *t.shape[1:]) if d is None else d
                       for t, d in zip(ctx.like, directions)]
-        if is_transformed(*directions):
+        if B != members or is_transformed(*directions):
             return derivative_under_transforms(
-                lambda *d: NLPSolve._jvp(ctx, *d), ctx.folded, *directions)
+                lambda *d: NLPSolve._jvp(ctx, *d), ctx.folded, members, ctx.like,
+                *directions)
         return NLPSolve._jvp(ctx, *directions)
 
     @staticmethod

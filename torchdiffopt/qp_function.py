@@ -27,7 +27,7 @@ import torch
 from .backends.batched_quadratic import BatchedQuadraticKKT, with_bound_rows
 from .backends.quadratic import DataTangent, QuadraticKKT, bound_rows, check_convex
 from .errors import NonconvexError, SolverError, warn_degenerate
-from .folding import derivative_under_transforms, is_transformed, vmap_by_folding
+from .folding import derivative_under_transforms, seed_batch, vmap_by_folding
 from .linalg.factorization import DENSE_MAX_ORDER
 from .solvers import NumericQP, qp_solver, solve_highs, solve_scs
 from .solvers.batch import record_outcomes, solve_each, solve_qpth
@@ -467,19 +467,23 @@ class QPSolve(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.all_valid = bool(call.kkt.valid.all())
         ctx.folded = getattr(call, "folded_levels", frozenset())
+        ctx.inputs = inputs[1:]
 
     @staticmethod
     def backward(ctx, x_bar, mu_bar, f_bar):
         kkt, st = ctx.kkt, ctx.structure
-        if ctx.folded and is_transformed(x_bar, mu_bar, f_bar):
-            # every seed a tensor, of the seeds' batch (under a folded vmap, not the kkt's)
-            B = next(t for t in (x_bar, mu_bar, f_bar) if t is not None).shape[0]
+        B, members = seed_batch(x_bar, mu_bar, f_bar), len(kkt.valid)
+        if B is None:
+            return (None,) * 6
+        if B != members:
+            # the seeds of one slice of a folded vmap (folding.py), every one a tensor
             zeros = lambda *shape: ctx.like.new_zeros(B, *shape)  # noqa: E731
             seeds = (zeros(st.n) if x_bar is None else x_bar,
                      zeros(st.m) if mu_bar is None else mu_bar,
                      zeros() if f_bar is None else f_bar)
             return (None, *derivative_under_transforms(
-                lambda *s: kkt.vjp(*_valid_seeds(kkt.valid, *s)), ctx.folded, *seeds))
+                lambda *s: kkt.vjp(*_valid_seeds(kkt.valid, *s)), ctx.folded, members,
+                ctx.inputs, *seeds))
         if x_bar is None:
             x_bar = ctx.like.new_zeros(ctx.like.shape[0], st.n)
         if not ctx.all_valid:
@@ -489,16 +493,16 @@ class QPSolve(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, _call_tangent, *tangents):
         st, kkt = ctx.structure, ctx.kkt
-        given = next((t for t in tangents if t is not None), None)
-        B = ctx.like.shape[0] if given is None else given.shape[0]
+        members = len(kkt.valid)
+        B = seed_batch(*tangents) or ctx.like.shape[0]
         sizes = (len(st.P_rows), st.n, None, len(st.C_rows), st.m)
         tangents = tuple(ctx.like.new_zeros(B, *(() if size is None else (size,)))
                          if t is None else t for t, size in zip(tangents, sizes))
 
         def jvp(*tangents):
             return tuple(o.squeeze(1) for o in kkt.jvp(*(t.unsqueeze(1) for t in tangents)))
-        if ctx.folded and is_transformed(*tangents):
-            return derivative_under_transforms(jvp, ctx.folded, *tangents)
+        if B != members:  # the tangents of one slice of a folded vmap (folding.py)
+            return derivative_under_transforms(jvp, ctx.folded, members, ctx.inputs, *tangents)
         return jvp(*tangents)
 
     @staticmethod
