@@ -213,6 +213,14 @@ def test_fixed_seeds_inside_vmap_and_vmap_over_grads_after_it():
         assert torch.allclose(got[k], torch.autograd.grad(x, leaf, E[k], retain_graph=True)[0])
 
 
+def test_empty_batch():
+    Q, p, G, h = (t[:0].requires_grad_() for t in optnet_qp(1, 3, 4, seed=3))
+    x = tdo.functional.qp(Q, p, G=G, h=h)
+    assert x.shape == (0, 3)
+    x.sum().backward()
+    assert Q.grad.shape == (0, 3, 3) and p.grad.shape == (0, 3)
+
+
 def test_conic_derivatives_under_vmap_are_each_members_own():
     A, c = torch.eye(2, dtype=F64), -torch.ones(2, dtype=F64)
     b = torch.tensor([[1.0, 2.0], [3.0, 0.5]], dtype=F64)

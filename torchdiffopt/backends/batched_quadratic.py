@@ -451,6 +451,8 @@ class ActiveSetFactorization:
     def solve(self, rhs: torch.Tensor) -> torch.Tensor:
         """``K⁻¹ rhs`` (``K⁺ rhs`` where ``K`` is singular) for ``rhs (B, n + k, c)``, each
         member by its way."""
+        if not self._ways:  # an empty batch
+            return rhs
         (idx, solve), *rest = self._ways
         if idx is None:
             return solve(rhs)
