@@ -29,6 +29,7 @@ from .backends.quadratic import DataTangent, QuadraticKKT, bound_rows, check_con
 from .errors import NonconvexError, SolverError, warn_degenerate
 from .folding import derivative_under_transforms, seed_batch, vmap_by_folding
 from .linalg.factorization import DENSE_MAX_ORDER
+from .linalg.threads import serial_if_small
 from .solvers import NumericQP, qp_solver, solve_highs, solve_scs
 from .solvers.batch import record_outcomes, solve_each, solve_qpth
 from .solvers.box_qp import solve_box_qp
@@ -52,6 +53,8 @@ class QPStructure:
         self.C_rows, self.C_cols = np.asarray(C_rows), np.asarray(C_cols)
         self.sense, self.lb, self.ub = sense, lb, ub
         self.solver, self.n_jobs = solver, n_jobs
+        #: order of the full KKT system: variables, rows and finite bounds
+        self.order = n + m + len(bound_rows(lb, ub)[0])
         self._P_flat = torch.as_tensor(self.P_rows * n + self.P_cols, dtype=torch.long)
         self._C_flat = torch.as_tensor(self.C_rows * n + self.C_cols, dtype=torch.long)
         # patterns that list every entry in row-major order (tdo.functional.qp's dense
@@ -207,8 +210,7 @@ def _solve_batch(call: SolveCall, P_vals, q, r, C_vals, c0):
     """Solve every member, factorize and certify; returns ``(x, μ, f)`` with NaN rows for
     failed members and leaves the KKT representation and statuses on ``call``."""
     st = call.structure
-    n_rows = st.n + st.m + len(bound_rows(st.lb, st.ub)[0])
-    if n_rows > DENSE_MAX_ORDER and q.device.type == "cpu" and st.solver != "qpth":
+    if st.order > DENSE_MAX_ORDER and q.device.type == "cpu" and st.solver != "qpth":
         return _solve_memberwise(call, P_vals, q, r, C_vals, c0)
     return _solve_dense(call, P_vals, q, r, C_vals, c0)
 
@@ -455,7 +457,7 @@ class QPSolve(torch.autograd.Function):
 
     @staticmethod
     def forward(call, P_vals, q, r, C_vals, c0):
-        with torch.no_grad():
+        with torch.no_grad(), serial_if_small(len(q), call.structure.order, q.device):
             return _solve_batch(call, P_vals, q, r, C_vals, c0)
 
     @staticmethod
@@ -488,7 +490,8 @@ class QPSolve(torch.autograd.Function):
             x_bar = ctx.like.new_zeros(ctx.like.shape[0], st.n)
         if not ctx.all_valid:
             x_bar, mu_bar, f_bar = _valid_seeds(kkt.valid, x_bar, mu_bar, f_bar)
-        return (None, *kkt.vjp(x_bar, mu_bar, f_bar))
+        with serial_if_small(members, st.order, x_bar.device):
+            return (None, *kkt.vjp(x_bar, mu_bar, f_bar))
 
     @staticmethod
     def jvp(ctx, _call_tangent, *tangents):
@@ -503,7 +506,8 @@ class QPSolve(torch.autograd.Function):
             return tuple(o.squeeze(1) for o in kkt.jvp(*(t.unsqueeze(1) for t in tangents)))
         if B != members:  # the tangents of one slice of a folded vmap (folding.py)
             return derivative_under_transforms(jvp, ctx.folded, members, ctx.inputs, *tangents)
-        return jvp(*tangents)
+        with serial_if_small(members, st.order, kkt.valid.device):
+            return jvp(*tangents)
 
     @staticmethod
     def vmap(info, in_dims, call, *tensors):

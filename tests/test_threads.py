@@ -1,0 +1,76 @@
+"""linalg.threads.serial_if_small: one torch thread for small problems, restored after."""
+
+import threading
+
+import pytest
+import torch
+
+import torchdiffopt as tdo
+from torchdiffopt.linalg.threads import SERIAL_MAX_ENTRIES, serial_if_small
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_small_problems_run_in_one_thread_and_the_count_comes_back(two_threads):
+    with serial_if_small(1, 20, CPU):
+        assert torch.get_num_threads() == 1
+        with serial_if_small(4, 20, CPU):  # nested: still one, and not restored early
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+    with pytest.raises(RuntimeError):
+        with serial_if_small(1, 20, CPU):
+            raise RuntimeError("inside")
+    assert torch.get_num_threads() == 2
+
+
+def test_large_problems_and_other_devices_keep_their_threads(two_threads):
+    order = int(SERIAL_MAX_ENTRIES ** 0.5) + 1
+    with serial_if_small(1, order, CPU):
+        assert torch.get_num_threads() == 2
+    with serial_if_small(1, 20, torch.device("cuda")):  # (the device is only inspected)
+        assert torch.get_num_threads() == 2
+
+
+def test_concurrent_callers_each_get_their_own_count_back(two_threads):
+    """Each thread saves and restores its own count, whichever leaves first."""
+    inside, first_left = threading.Barrier(2), threading.Event()
+    seen = {}
+
+    def worker(name, leave_first):
+        torch.set_num_threads(2)
+        with serial_if_small(1, 20, CPU):
+            seen[name, "inside"] = torch.get_num_threads()
+            inside.wait()
+            if not leave_first:
+                first_left.wait()
+        if leave_first:
+            first_left.set()
+        seen[name, "after"] = torch.get_num_threads()
+
+    workers = [threading.Thread(target=worker, args=(name, name == "a")) for name in "ab"]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert seen == {("a", "inside"): 1, ("b", "inside"): 1, ("a", "after"): 2,
+                    ("b", "after"): 2}
+    assert torch.get_num_threads() == 2
+
+
+def test_a_layer_call_leaves_the_thread_count_as_it_was(two_threads):
+    Q = torch.eye(3, dtype=torch.float64)
+    p = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    G, h = -torch.eye(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    x = tdo.functional.qp(Q, p, G=G, h=h)
+    x.sum().backward()
+    assert torch.get_num_threads() == 2
+    assert torch.allclose(x, torch.zeros(3, dtype=torch.float64))  # x = max(-p, 0) = 0
