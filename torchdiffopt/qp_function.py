@@ -13,8 +13,8 @@ Two KKT representations share one interface (``jvp`` / ``vjp`` on the stored ent
 * :class:`DenseBatchKKT` — batched dense torch (CPU or CUDA), for systems of order up to
   :data:`~torchdiffopt.linalg.factorization.DENSE_MAX_ORDER`; all ``torch.func`` transforms.
 * :class:`MemberwiseKKT` — one sparse scipy factorization per member (CPU), for larger
-  systems; ``backward`` and forward-mode AD, but not ``torch.func`` transforms (its
-  solves run in numpy).
+  systems; its solves run in numpy, so under ``torch.func`` transforms its seeds arrive
+  plain, a slice at a time (:mod:`torchdiffopt.folding`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 from .backends.batched_quadratic import BatchedQuadraticKKT, with_bound_rows
 from .backends.quadratic import DataTangent, QuadraticKKT, bound_rows, check_convex
 from .errors import NonconvexError, SolverError, warn_degenerate
-from .folding import derivative_under_transforms, seed_batch, vmap_by_folding
+from .folding import derivative_under_transforms, is_transformed, seed_batch, vmap_by_folding
 from .linalg.factorization import DENSE_MAX_ORDER
 from .linalg.threads import serial_if_small
 from .solvers import NumericQP, qp_solver, solve_highs, solve_scs
@@ -157,16 +157,7 @@ class MemberwiseKKT:
         self.structure, self.members = structure, members
         self.valid = torch.tensor([k is not None for k in members], device=device)
 
-    @staticmethod
-    def _check_plain(*tensors):
-        if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
-            raise NotImplementedError(
-                "torch.func transforms need the dense KKT path (systems of order up to "
-                f"{DENSE_MAX_ORDER}); this problem is solved member by member with sparse "
-                "factorizations: use backward() / forward-mode AD, or layer.jacobian")
-
     def jvp(self, dP_vals, dq, dr, dC_vals, dc0):
-        self._check_plain(dP_vals, dq, dr, dC_vals, dc0)
         st = self.structure
         B, D = dq.shape[:2]
         P, q, r, C, c0 = (t.detach().cpu().numpy() for t in (dP_vals, dq, dr, dC_vals, dc0))
@@ -184,7 +175,6 @@ class MemberwiseKKT:
         B = x_bar.shape[0]
         mu_bar = x_bar.new_zeros(B, st.m) if mu_bar is None else mu_bar
         f_bar = x_bar.new_zeros(B) if f_bar is None else f_bar
-        self._check_plain(x_bar, mu_bar, f_bar)
         xb, mb, fb = (t.detach().cpu().numpy() for t in (x_bar, mu_bar, f_bar))
         out = [np.zeros((B, len(st.P_rows))), np.zeros((B, st.n)), np.zeros(B),
                np.zeros((B, len(st.C_rows))), np.zeros((B, st.m))]
@@ -477,8 +467,10 @@ class QPSolve(torch.autograd.Function):
         B, members = seed_batch(x_bar, mu_bar, f_bar), len(kkt.valid)
         if B is None:
             return (None,) * 6
-        if B != members:
-            # the seeds of one slice of a folded vmap (folding.py), every one a tensor
+        if B != members or (isinstance(kkt, MemberwiseKKT)
+                            and is_transformed(x_bar, mu_bar, f_bar)):
+            # the seeds of one slice of a folded vmap, or seeds under a transform for the
+            # numpy factorizations: plain seeds (folding.py), every one a tensor
             zeros = lambda *shape: ctx.like.new_zeros(B, *shape)  # noqa: E731
             seeds = (zeros(st.n) if x_bar is None else x_bar,
                      zeros(st.m) if mu_bar is None else mu_bar,
@@ -504,7 +496,9 @@ class QPSolve(torch.autograd.Function):
 
         def jvp(*tangents):
             return tuple(o.squeeze(1) for o in kkt.jvp(*(t.unsqueeze(1) for t in tangents)))
-        if B != members:  # the tangents of one slice of a folded vmap (folding.py)
+        if B != members or (isinstance(kkt, MemberwiseKKT) and is_transformed(*tangents)):
+            # the tangents of one slice of a folded vmap, or tangents under a transform for
+            # the numpy factorizations: plain tangents (folding.py)
             return derivative_under_transforms(jvp, ctx.folded, members, ctx.inputs, *tangents)
         with serial_if_small(members, st.order, kkt.valid.device):
             return jvp(*tangents)

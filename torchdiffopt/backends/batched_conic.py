@@ -158,23 +158,15 @@ def refine_dense(pattern: ConicPattern, dims, z: np.ndarray, P_vals, c, A_vals, 
 
 class SparseSystems:
     """Each member's factorized :class:`~torchdiffopt.backends.conic.ConicDerivative` (None
-    for failed members); numpy solves, one member at a time."""
+    for failed members); numpy solves, one member at a time (under ``torch.func``
+    transforms the seeds arrive plain, a slice at a time: :mod:`torchdiffopt.folding`)."""
 
     def __init__(self, members: list, device):
         self.members = members
         self.singular = torch.tensor([d is not None and d.singular for d in members],
                                      device=device)
 
-    @staticmethod
-    def _check_plain(t):
-        if torch._C._functorch.is_functorch_wrapped_tensor(t):
-            raise NotImplementedError(
-                "torch.func transforms need the dense path (cone programs with n + m up to "
-                f"{DENSE_MAX_ORDER}); this one is differentiated member by member with sparse "
-                "factorizations: use backward() / forward-mode AD, or layer.jacobian")
-
     def _each(self, t, fn):
-        self._check_plain(t)
         arr = t.detach().cpu().numpy()
         out = np.zeros_like(arr)
         for b, deriv in enumerate(self.members):
