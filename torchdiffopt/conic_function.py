@@ -42,7 +42,7 @@ from .backends.conic import ConicDerivative
 from .backends.cones import ConeDims, kinks, project_rows
 from .errors import NonconvexError, warn_degenerate
 from .linalg.factorization import DENSE_MAX_ORDER
-from .folding import derivative_under_transforms, is_transformed, reject_nested_derivatives, \
+from .folding import derivative_under_transforms, needs_plain_seeds, reject_nested_derivatives, \
     seed_batch, vmap_by_folding
 from .qp_function import _positive_definite
 from .solvers import BATCHED_CONIC_SOLVERS, conic_solver, solve_scs_conic
@@ -242,10 +242,7 @@ class ConicSolve(torch.autograd.Function):
     def backward(ctx, x_bar, y_bar, s_bar):
         d = ctx.derivative
         members = d.x.shape[0]
-        if x_bar.shape[0] != members or (isinstance(d.systems, SparseSystems)
-                                         and is_transformed(x_bar, y_bar, s_bar)):
-            # the seeds of one slice of a folded vmap, or seeds under a transform for the
-            # numpy factorizations: plain seeds (folding.py)
+        if needs_plain_seeds(members, (x_bar, y_bar, s_bar), isinstance(d.systems, SparseSystems)):
             return (None, *derivative_under_transforms(d.vjp, ctx.folded, members, ctx.inputs,
                                                        x_bar, y_bar, s_bar), None)
         return (None, *d.vjp(x_bar, y_bar, s_bar), None)
@@ -263,7 +260,7 @@ class ConicSolve(torch.autograd.Function):
 
         def jvp(*tangents):
             return tuple(o.squeeze(1) for o in d.jvp(*(t.unsqueeze(1) for t in tangents)))
-        if B != members or (isinstance(d.systems, SparseSystems) and is_transformed(*tangents)):
+        if needs_plain_seeds(members, tangents, isinstance(d.systems, SparseSystems)):
             return derivative_under_transforms(jvp, ctx.folded, members, ctx.inputs, *tangents)
         return jvp(*tangents)
 

@@ -101,6 +101,13 @@ def seed_batch(*seeds) -> int | None:
     return next((t.shape[0] for t in seeds if t is not None), None)
 
 
+def needs_plain_seeds(members: int, seeds, numpy_solves: bool = False) -> bool:
+    """Whether a derivative must go through :func:`derivative_under_transforms`: its
+    seeds' batch is not its ``members`` (one slice of a folded vmap), or its solves run in
+    numpy (``numpy_solves``) and the seeds are under a ``torch.func`` transform."""
+    return seed_batch(*seeds) != members or (numpy_solves and is_transformed(*seeds))
+
+
 class _Derivative:
     """The derivative ``fn``, the vmap levels its solution map's forward folded and the
     number of members its factorizations hold."""

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .pipelines import NonlinearPipeline
-from .folding import derivative_under_transforms, is_transformed, seed_batch, vmap_by_folding
+from .folding import derivative_under_transforms, needs_plain_seeds, seed_batch, vmap_by_folding
 from .solvers.batch import record_outcomes, solve_each
 
 _F64 = torch.float64
@@ -81,7 +81,7 @@ class NLPSolve(torch.autograd.Function):
     def backward(ctx, x_bar, mu_bar, f_bar):
         seeds = (x_bar, mu_bar, f_bar)
         members = len(ctx.call.solved)
-        if x_bar.shape[0] != members or is_transformed(*seeds):
+        if needs_plain_seeds(members, seeds, numpy_solves=True):
             return (None, *derivative_under_transforms(
                 lambda *s: NLPSolve._vjp(ctx, *s), ctx.folded, members, ctx.like, *seeds))
         return (None, *NLPSolve._vjp(ctx, *seeds))
@@ -107,7 +107,7 @@ class NLPSolve(torch.autograd.Function):
         B = seed_batch(*directions) or members
         directions = [t.new_zeros(B, *t.shape[1:]) if d is None else d
                       for t, d in zip(ctx.like, directions)]
-        if B != members or is_transformed(*directions):
+        if needs_plain_seeds(members, directions, numpy_solves=True):
             return derivative_under_transforms(
                 lambda *d: NLPSolve._jvp(ctx, *d), ctx.folded, members, ctx.like,
                 *directions)

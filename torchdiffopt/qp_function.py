@@ -27,7 +27,7 @@ import torch
 from .backends.batched_quadratic import BatchedQuadraticKKT, with_bound_rows
 from .backends.quadratic import DataTangent, QuadraticKKT, bound_rows, check_convex
 from .errors import NonconvexError, SolverError, warn_degenerate
-from .folding import derivative_under_transforms, is_transformed, seed_batch, vmap_by_folding
+from .folding import derivative_under_transforms, needs_plain_seeds, seed_batch, vmap_by_folding
 from .linalg.factorization import DENSE_MAX_ORDER
 from .linalg.threads import serial_if_small
 from .solvers import NumericQP, qp_solver, solve_highs, solve_scs
@@ -249,9 +249,10 @@ def _solve_dense(call: SolveCall, P_vals, q, r, C_vals, c0):
     # sizes each torch operation costs more than its arithmetic)
     all_finite = bool(finite.all())
     P_finite = P if all_finite else torch.where(finite.reshape(B, 1, 1), P, 0.0)
-    convex = _positive_definite(P_finite, shift=1e-9)
+    convex, P_cholesky = _convexity(P_finite)
     valid = finite & convex
-    if not bool(valid.all()):
+    all_valid = bool(valid.all())
+    if not all_valid:
         for b in torch.nonzero(~finite).flatten().tolist():
             status[b] = "invalid_data"
             errors[b] = ValueError("the problem data contain NaN or inf")
@@ -272,7 +273,6 @@ def _solve_dense(call: SolveCall, P_vals, q, r, C_vals, c0):
         x, mu_all, hint = _qpth(st, torch.where(valid.reshape(B, 1, 1), P, eye),
                                 torch.where(valid.reshape(B, 1), q, 0.0), C, c0)
     elif (name := _batch_solver(solver, q.device, st)) is not None:
-        all_valid = bool(valid.all())
         x, mu_all, hint, codes = _solve_batched(
             name, st, *((P, q) if all_valid else (torch.where(valid.reshape(B, 1, 1), P, 0.0),
                                                   torch.where(valid.reshape(B, 1), q, 0.0))),
@@ -289,7 +289,8 @@ def _solve_dense(call: SolveCall, P_vals, q, r, C_vals, c0):
     else:
         x, mu_all, valid = _cpu_solve(st, solver, P_vals, q, r, C_vals, c0, valid, b_cols,
                                       status, errors, range(B))
-    kkt = BatchedQuadraticKKT(P, q, C, c0, st.sense, st.lb, st.ub, x, mu_all, valid, hint)
+    kkt = BatchedQuadraticKKT(P, q, C, c0, st.sense, st.lb, st.ub, x, mu_all, valid, hint,
+                              P_cholesky)
 
     bad = valid & (kkt.kkt_residual > KKT_TOLERANCE)
     if solver in _RETRIED_WITH_SCS and "solver_error" in status:
@@ -308,7 +309,8 @@ def _solve_dense(call: SolveCall, P_vals, q, r, C_vals, c0):
         valid = torch.where(bad, valid2, valid)
         # the retried members' active rows are SCS's, not the first solver's
         hint = None if hint is None else hint & ~bad.reshape(B, 1)
-        kkt = BatchedQuadraticKKT(P, q, C, c0, st.sense, st.lb, st.ub, x, mu_all, valid, hint)
+        kkt = BatchedQuadraticKKT(P, q, C, c0, st.sense, st.lb, st.ub, x, mu_all, valid, hint,
+                              P_cholesky)
         bad = valid & (kkt.kkt_residual > KKT_TOLERANCE)
     if bool(bad.any()):
         for b in torch.nonzero(bad).flatten().tolist():
@@ -333,17 +335,23 @@ def _solve_dense(call: SolveCall, P_vals, q, r, C_vals, c0):
             torch.where(valid, f, torch.nan))
 
 
+def _convexity(P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(convex, L)``: the members with ``P ⪰ 0`` to rounding, and ``P``'s Cholesky factor
+    where every member has one (else None), for the KKT factorization to reuse. Members
+    whose ``P`` itself factors pass without :func:`_positive_definite`'s shifted test (the
+    common case, at a third of the operations)."""
+    L, info = torch.linalg.cholesky_ex(P)
+    if bool((info == 0).all()):
+        return info == 0, L
+    return _positive_definite(P, shift=1e-9), None
+
+
 def _positive_definite(P: torch.Tensor, shift: float) -> torch.Tensor:
     """Members whose symmetric ``P`` has every eigenvalue above ``-shift · ‖P‖∞`` (with
     ``‖P‖∞ ≥ 1`` at least; ``‖P‖∞`` bounds the spectral radius): those for which
     ``P + shift · ‖P‖∞ · I`` has a Cholesky factor. A ``shift`` of 1e-9 tests convexity up to
     rounding, a negative one strict convexity; a batched Cholesky costs a fraction of the
-    eigenvalues. For ``shift ≥ 0`` the members whose ``P`` itself has a Cholesky factor
-    pass without the shifted test (the common case, at a third of the operations)."""
-    if shift >= 0:
-        plain = torch.linalg.cholesky_ex(P).info == 0
-        if bool(plain.all()):
-            return plain
+    eigenvalues."""
     scale = P.abs().sum(-1).amax(-1).clamp_min(1.0)
     eye = torch.eye(P.shape[-1], dtype=P.dtype, device=P.device)
     return torch.linalg.cholesky_ex(P + (shift * scale).reshape(-1, 1, 1) * eye).info == 0
@@ -453,7 +461,7 @@ class QPSolve(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         call = inputs[0]
-        ctx.kkt, ctx.structure, ctx.like = call.kkt, call.structure, inputs[2]
+        ctx.kkt, ctx.structure = call.kkt, call.structure
         # seeds of unused outputs stay None: most callers use x* alone, and the backward
         # skips the terms of the others instead of multiplying zeros
         ctx.set_materialize_grads(False)
@@ -467,11 +475,10 @@ class QPSolve(torch.autograd.Function):
         B, members = seed_batch(x_bar, mu_bar, f_bar), len(kkt.valid)
         if B is None:
             return (None,) * 6
-        if B != members or (isinstance(kkt, MemberwiseKKT)
-                            and is_transformed(x_bar, mu_bar, f_bar)):
-            # the seeds of one slice of a folded vmap, or seeds under a transform for the
-            # numpy factorizations: plain seeds (folding.py), every one a tensor
-            zeros = lambda *shape: ctx.like.new_zeros(B, *shape)  # noqa: E731
+        q = ctx.inputs[1]
+        if needs_plain_seeds(members, (x_bar, mu_bar, f_bar), isinstance(kkt, MemberwiseKKT)):
+            # every seed a tensor (folding.py)
+            zeros = lambda *shape: q.new_zeros(B, *shape)  # noqa: E731
             seeds = (zeros(st.n) if x_bar is None else x_bar,
                      zeros(st.m) if mu_bar is None else mu_bar,
                      zeros() if f_bar is None else f_bar)
@@ -479,7 +486,7 @@ class QPSolve(torch.autograd.Function):
                 lambda *s: kkt.vjp(*_valid_seeds(kkt.valid, *s)), ctx.folded, members,
                 ctx.inputs, *seeds))
         if x_bar is None:
-            x_bar = ctx.like.new_zeros(ctx.like.shape[0], st.n)
+            x_bar = q.new_zeros(B, st.n)
         if not ctx.all_valid:
             x_bar, mu_bar, f_bar = _valid_seeds(kkt.valid, x_bar, mu_bar, f_bar)
         with serial_if_small(members, st.order, x_bar.device):
@@ -488,17 +495,15 @@ class QPSolve(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, _call_tangent, *tangents):
         st, kkt = ctx.structure, ctx.kkt
-        members = len(kkt.valid)
-        B = seed_batch(*tangents) or ctx.like.shape[0]
+        members, q = len(kkt.valid), ctx.inputs[1]
+        B = seed_batch(*tangents) or members
         sizes = (len(st.P_rows), st.n, None, len(st.C_rows), st.m)
-        tangents = tuple(ctx.like.new_zeros(B, *(() if size is None else (size,)))
+        tangents = tuple(q.new_zeros(B, *(() if size is None else (size,)))
                          if t is None else t for t, size in zip(tangents, sizes))
 
         def jvp(*tangents):
             return tuple(o.squeeze(1) for o in kkt.jvp(*(t.unsqueeze(1) for t in tangents)))
-        if B != members or (isinstance(kkt, MemberwiseKKT) and is_transformed(*tangents)):
-            # the tangents of one slice of a folded vmap, or tangents under a transform for
-            # the numpy factorizations: plain tangents (folding.py)
+        if needs_plain_seeds(members, tangents, isinstance(kkt, MemberwiseKKT)):
             return derivative_under_transforms(jvp, ctx.folded, members, ctx.inputs, *tangents)
         with serial_if_small(members, st.order, kkt.valid.device):
             return jvp(*tangents)

@@ -387,16 +387,23 @@ class ActiveSetFactorization:
     Degenerate members get the same minimum-norm solutions either way. (A badly scaled
     member, e.g. ``P`` near 1e6 against rows near 1, that passes the pivot tests is solved
     accurately by the Schur complement where LU's pivot test would call it singular.)
-    ``solve`` takes ``(B, n + k, c)``."""
+    ``solve`` takes ``(B, n + k, c)``; ``P_cholesky``, if given, is the Cholesky factor of
+    every member's ``P``."""
 
     def __init__(self, K: KKTBlocks, pseudo_inverse,
-                 pinv_unless_schur: torch.Tensor | None = None):
+                 pinv_unless_schur: torch.Tensor | None = None,
+                 P_cholesky: torch.Tensor | None = None):
         self._pseudo_inverse, self._n = pseudo_inverse, K.n
         # the pseudo-inverse in DenseFactorization's form (None: its default)
         self._dense_pinv = None if pseudo_inverse is None else self._dense_pseudo_inverse
         n, used = K.n, K.used
         dependent = used.sum(-1) > n
-        L, info = torch.linalg.cholesky_ex(K.P)
+        # (a caller that factored every member's P already, as the convexity test does,
+        # hands the factor on)
+        if P_cholesky is None:
+            L, info = torch.linalg.cholesky_ex(K.P)
+        else:
+            L, info = P_cholesky, torch.zeros(len(K), dtype=torch.int32, device=K.P.device)
         schur = (info == 0) & _well_pivoted(L) & ~dependent
         candidates = schur.nonzero().squeeze(-1)
         if len(candidates):
@@ -526,13 +533,16 @@ class BatchedQuadraticKKT:
     Inputs (float64, on one device): ``P (B, n, n)``, ``q (B, n)``, ``C (B, m, n)``,
     ``c0 (B, m)``, the row senses ``sense (m,)`` and bounds ``lb, ub (n,)`` (numpy), the
     solver's points ``x (B, n)`` and multipliers ``mu (B, m + n_bound_rows)``, optionally
-    an active mask from the solver, and ``valid (B,)``: members whose solve succeeded.
+    an active mask from the solver, and ``valid (B,)``: members whose solve succeeded;
+    optionally the Cholesky factor of every member's ``P`` (``P_cholesky``), if the caller
+    has one.
 
     Attributes after construction: ``x`` (polished), ``mu`` (multipliers of the constraint
     rows), ``active`` (B, m), ``singular`` (B,), ``weak`` (B,) and ``kkt_residual`` (B,).
     """
 
-    def __init__(self, P, q, C, c0, sense, lb, ub, x, mu_all, valid, active_hint=None):
+    def __init__(self, P, q, C, c0, sense, lb, ub, x, mu_all, valid, active_hint=None,
+                 P_cholesky=None):
         B, n = q.shape
         m = c0.shape[1]
         dev, dt = q.device, q.dtype
@@ -575,7 +585,9 @@ class BatchedQuadraticKKT:
             self._all_used)
         gamma, scalar = _scalar_objective(P)
         ridge = scalar & (gamma > 0) & valid  # P = γI, γ > 0
-        self._factor = ActiveSetFactorization(K, _kkt_pseudo_inverse, pinv_unless_schur=ridge)
+        self._factor = ActiveSetFactorization(
+            K, _kkt_pseudo_inverse, pinv_unless_schur=ridge,
+            P_cholesky=P_cholesky if all_valid else None)
         self.singular = self._factor.singular if all_valid else self._factor.singular & valid
         self.n, self.m, self.M = n, m, M
 
