@@ -52,8 +52,9 @@ import torch
 from ..backends.cones import ConeDims
 from .cone_program import ACCEPT_RESIDUAL, ConicSolution, certify, cone_program
 from .ipm import (DUAL_INFEASIBLE, DUAL_REGULARIZATION, NOT_CONVERGED, OPTIMAL,
-                  PRIMAL_INFEASIBLE, REFINEMENT_RTOL, STEP_FRACTION, _dot, _inf_norm,
-                  cholesky_with_retries, status_error, stopping_verdict)
+                  PRIMAL_INFEASIBLE, REFINEMENT_RTOL, STEP_FRACTION, _dot, _inf_norm, _matvec,
+                  cholesky_solve_by_columns, cholesky_with_retries, status_error,
+                  stopping_verdict)
 
 #: iterative refinement sweeps of a Newton solve, at most
 REFINEMENT_STEPS = 3
@@ -225,14 +226,16 @@ class _Newton:
     """The Newton matrix ``K = [[P, Aᵀ], [A, −H]]`` of one iteration, ``H = W²`` on the cone
     rows and zero on the ``mz`` zero rows, with the Cholesky factor ``L`` of its reduction
     ``P (+ ρI) + GᵀG``, ``G = [A_z/√δ; W⁻¹A_c]``. Vectors stack ``[x; y]`` with a trailing
-    dimension of right-hand sides."""
+    dimension of right-hand sides. ``P`` is None for a linear objective (``P = 0``), whose
+    products are skipped."""
 
     def __init__(self, P, A, mz, scaling: _Scaling):
         self.P, self.A, self.mz, self.scaling = P, A, mz, scaling
         self.n = A.shape[-1]
         self.G = torch.cat([A[:, :mz] / DUAL_REGULARIZATION ** 0.5,
                             scaling.apply(A[:, mz:], -1)], 1)
-        self.L, self.ok = cholesky_with_retries(torch.baddbmm(P, self.G.mT, self.G))
+        gram = self.G.mT @ self.G
+        self.L, self.ok = cholesky_with_retries(gram if P is None else gram + P)
 
     def _scaled(self, v):
         """``[v_z/√δ; W⁻¹v_c]``: a dual-row vector in the units of ``G``."""
@@ -244,10 +247,12 @@ class _Newton:
         """``K u``, exactly."""
         n, mz = self.n, self.mz
         dx, dy = u[:, :n], u[:, n:]
-        top = self.P @ dx + self.A.mT @ dy
+        top = _matvec(self.A.mT, dy)
+        if self.P is not None:
+            top = top + _matvec(self.P, dx)
         W = self.scaling
         H_dy = W.apply(W.apply(dy[:, mz:], 1), 1)
-        bottom = self.A @ dx - torch.cat([torch.zeros_like(dy[:, :mz]), H_dy], 1)
+        bottom = _matvec(self.A, dx) - torch.cat([torch.zeros_like(dy[:, :mz]), H_dy], 1)
         return torch.cat([top, bottom], 1)
 
     def regularized_solve(self, r):
@@ -256,8 +261,8 @@ class _Newton:
         ``Δy = [(GΔx − t)_z/√δ; W⁻¹(GΔx − t)_c]``."""
         n = self.n
         t = self._scaled(r[:, n:])
-        dx = torch.cholesky_solve(r[:, :n] + self.G.mT @ t, self.L)
-        return torch.cat([dx, self._scaled(self.G @ dx - t)], 1)
+        dx = cholesky_solve_by_columns(r[:, :n] + _matvec(self.G.mT, t), self.L)
+        return torch.cat([dx, self._scaled(_matvec(self.G, dx) - t)], 1)
 
     def solve(self, r, sweeps: int = REFINEMENT_STEPS):
         """``K⁻¹ r``: the regularized solve, refined against ``K`` while any member's
@@ -335,6 +340,8 @@ def _iterate(P, c, A, b, mz, cones: _Cones, tol, max_iter):
     B, n = c.shape
     m = b.shape[1]
     norm_c, norm_b = _inf_norm(c), _inf_norm(b)
+    linear = not bool(P.any())
+    P_or_none = None if linear else P
 
     def pad(v):  # cone-row values → all rows
         return torch.cat([v.new_zeros(v.shape[0], mz, *v.shape[2:]), v], 1)
@@ -342,7 +349,7 @@ def _iterate(P, c, A, b, mz, cones: _Cones, tol, max_iter):
     # initial point: [[P, Aᵀ], [A, −I]] [x; y] = [−c; b] (W = I), shifted into the cone
     ones = torch.ones(B, cones.size, dtype=f64, device=device)
     unit = _Scaling(cones, ones * cones.identity, ones * cones.identity)
-    newton = _Newton(P, A, mz, unit)
+    newton = _Newton(P_or_none, A, mz, unit)
     u = newton.solve(torch.cat([-c, b], -1).unsqueeze(-1)).squeeze(-1)
     x, y = u[:, :n], u[:, n:].clone()
     s = cones.shift_inside(-y[:, mz:])
@@ -364,9 +371,9 @@ def _iterate(P, c, A, b, mz, cones: _Cones, tol, max_iter):
             status[members] = verdict[members]
 
     for it in range(max_iter + 1):
-        Px = (P @ x.unsqueeze(-1)).squeeze(-1)
-        Ax = (A @ x.unsqueeze(-1)).squeeze(-1)
-        Aty = (A.mT @ y.unsqueeze(-1)).squeeze(-1)
+        Px = torch.zeros_like(x) if linear else _matvec(P, x.unsqueeze(-1)).squeeze(-1)
+        Ax = _matvec(A, x.unsqueeze(-1)).squeeze(-1)
+        Aty = _matvec(A.mT, y.unsqueeze(-1)).squeeze(-1)
         xPx, cx, by, sy = _dot(x, Px), _dot(c, x), _dot(b, y), _dot(s, y[:, mz:])
         r1 = Px + Aty + c * tau.unsqueeze(-1)
         r2 = Ax + pad(s) - b * tau.unsqueeze(-1)
@@ -388,7 +395,7 @@ def _iterate(P, c, A, b, mz, cones: _Cones, tol, max_iter):
         yc = y[:, mz:]
         inside = running.unsqueeze(-1)
         scaling = _Scaling(cones, torch.where(inside, s, e), torch.where(inside, yc, e))
-        newton = _Newton(P, A, mz, scaling)
+        newton = _Newton(P_or_none, A, mz, scaling)
         record(running & ~newton.ok, torch.full_like(verdict, NOT_CONVERGED))
         running &= newton.ok
         go = running.unsqueeze(-1)
@@ -412,7 +419,7 @@ def _iterate(P, c, A, b, mz, cones: _Cones, tol, max_iter):
             # Δs from the primal row A Δx + Δs − b Δτ = −r₂ rather than from the
             # complementarity row: near the end W² spans many orders of magnitude, and
             # −W(λ⋄d) − W²Δy would leave its round-off in the primal residual
-            Adx = (A[:, mz:] @ dx.unsqueeze(-1)).squeeze(-1)
+            Adx = _matvec(A[:, mz:], dx.unsqueeze(-1)).squeeze(-1)
             ds = b[:, mz:] * dtau.unsqueeze(-1) - keep * r2[:, mz:] - Adx
             dkappa = -(d_kappa + kappa * dtau) / tau
             return dx, dy, ds, dtau, dkappa

@@ -142,6 +142,18 @@ def _matvec(M: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return (u.mT.contiguous() @ M.mT).mT
 
 
+def cholesky_solve_by_columns(rhs: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """``(L Lᵀ)⁻¹ rhs`` for lower factors ``L (B, n, n)`` and ``rhs (B, n, k)``, by two
+    triangular solves per column. On CPU, batched triangular solves with one right-hand side
+    run several times faster than with two (measured with MKL, B = 1024, n = 20), and both
+    beat ``torch.cholesky_solve`` (B = 64, n = 50: 125–170 µs against 210–360 µs for one
+    column). Shared with :mod:`.conic_ipm`."""
+    Lt = L.mT
+    return torch.cat([torch.linalg.solve_triangular(
+        Lt, torch.linalg.solve_triangular(L, rhs[..., j : j + 1], upper=False), upper=True)
+        for j in range(rhs.shape[-1])], -1)
+
+
 #: a shared constraint matrix's outer products a_i a_iᵀ are precomputed up to this many
 #: entries (M n²; 32 MiB in float64)
 MAX_OUTER_ENTRIES = 1 << 22
@@ -213,13 +225,7 @@ class _Newton:
 
     def regularized_solve(self, r):
         rx, rz = r[:, : self.n], r[:, self.n :]
-        rhs = rx + _matvec(self.A.mT, self.w * rz)
-        # one column at a time: on CPU, batched triangular solves with one right-hand side
-        # run several times faster than with two (measured with MKL, B = 1024, n = 20)
-        L, Lt = self.L, self.L.mT
-        dx = torch.cat([torch.linalg.solve_triangular(
-            Lt, torch.linalg.solve_triangular(L, rhs[..., j : j + 1], upper=False), upper=True)
-            for j in range(rhs.shape[-1])], -1)
+        dx = cholesky_solve_by_columns(rx + _matvec(self.A.mT, self.w * rz), self.L)
         return torch.cat([dx, self.w * (_matvec(self.A, dx) - rz)], 1)
 
     def solve(self, r, members):
