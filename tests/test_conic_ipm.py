@@ -269,3 +269,26 @@ def test_functional_conic_with_the_interior_point(no_scs_retry):
     bad[1, 2:4] = -1.0
     with pytest.raises(tdo.InfeasibleError, match="batch member 1"):
         tdo.functional.conic(A_bad, bad, c.detach(), CONES, P=P, solver="ipm")
+
+
+def test_the_interior_point_stops_at_scs_tolerance_before_refinement(monkeypatch, no_scs_retry):
+    """Where Newton refinement follows (the default), the batched interior point stops at
+    ``IPM_TOL_BEFORE_REFINEMENT``; without refinement it keeps its own 1e-10; a ``tol`` given
+    in ``solver_options`` wins. The refined answer matches SCS's to 1e-9."""
+    import torchdiffopt.conic_function as cf
+    from torchdiffopt.solvers import BATCHED_CONIC_SOLVERS
+
+    seen = []
+
+    def recording(*args, **options):
+        seen.append(options.get("tol"))
+        return solve_conic_ipm(*args, **options)
+    monkeypatch.setitem(BATCHED_CONIC_SOLVERS, solve_ipm_conic, recording)
+    (P, c, A, b), _ = known_programs(np.random.default_rng(9), 3, 12, CONES)
+    reference = tdo.functional.conic(A, b, c, CONES, P=P, solver="scs")
+    refined = tdo.functional.conic(A, b, c, CONES, P=P, solver="ipm")
+    tdo.functional.conic(A, b, c, CONES, P=P, solver="ipm", refine=False)
+    tdo.functional.conic(A, b, c, CONES, P=P, solver="ipm", solver_options={"tol": 1e-11})
+    assert seen == [cf.IPM_TOL_BEFORE_REFINEMENT, None, 1e-11]
+    assert cf.IPM_TOL_BEFORE_REFINEMENT == 1e-9
+    torch.testing.assert_close(refined, reference, atol=1e-9, rtol=0)
