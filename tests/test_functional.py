@@ -328,3 +328,18 @@ def test_flat_objective_with_no_active_row(solver):
     assert torch.isfinite(x).all() and (x <= 1 + 1e-9).all()
     grad, = torch.autograd.grad(x.sum(), q)
     assert torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_calls_of_one_shape_with_different_bounds_and_solvers_keep_them_apart():
+    """The dense structure is kept per shape, bounds and solver: consecutive calls that
+    differ only in ``lb``/``ub`` or ``solver`` each get their own (closed form: the
+    projection of ``y`` onto the box, with ``P = I``, ``q = -y``)."""
+    y = torch.tensor([[-2.0, 0.5, 3.0]], dtype=torch.float64)
+    P = torch.eye(3, dtype=torch.float64)
+    for lb, ub in ((None, None), ([0.0] * 3, None), ([0.0] * 3, [1.0] * 3), (-1.0, 2.0)):
+        for solver in ("auto", "highs"):
+            x = tdo.functional.qp(P, -y, lb=lb, ub=ub, solver=solver)
+            low = torch.as_tensor(-torch.inf if lb is None else lb, dtype=torch.float64)
+            high = torch.as_tensor(torch.inf if ub is None else ub, dtype=torch.float64)
+            torch.testing.assert_close(x, torch.minimum(torch.maximum(y, low), high),
+                                       atol=1e-9, rtol=0)

@@ -11,6 +11,8 @@ cone program in SCS's form, a drop-in for diffcp / cvxpylayers on raw data.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -56,15 +58,9 @@ def qp(P, q, A=None, b=None, G=None, h=None, *, lb=None, ub=None, solver=None,
         raise ValueError(f"inconsistent shapes: P {tuple(P.shape)}, q {tuple(q.shape)}, "
                          f"A {tuple(A.shape)}, b {tuple(b.shape)}, G {tuple(G.shape)}, "
                          f"h {tuple(h.shape)}")
-    m = n_eq + n_in
-    rows, cols = np.divmod(np.arange(n * n), n)
-    c_rows, c_cols = np.divmod(np.arange(m * n), n)
-    structure = QPStructure(
-        n, m, rows, cols, c_rows, c_cols,
-        np.concatenate((np.zeros(n_eq, np.int8), np.full(n_in, -1, np.int8))),
-        np.full(n, -np.inf) if lb is None else np.broadcast_to(np.asarray(lb, float), n),
-        np.full(n, np.inf) if ub is None else np.broadcast_to(np.asarray(ub, float), n),
-        solver, n_jobs)
+    bounds = tuple(None if v is None else tuple(np.broadcast_to(np.asarray(v, float), n))
+                   for v in (lb, ub))
+    structure = _dense_structure(n, n_eq, n_in, *bounds, solver, n_jobs)
 
     def batch(t, k):
         t = t.to(_F64).flatten(-k) if k else t.to(_F64)
@@ -88,6 +84,23 @@ def qp(P, q, A=None, b=None, G=None, h=None, *, lb=None, ub=None, solver=None,
     out = [x, mu[:, :n_eq], mu[:, n_eq:]] if return_duals else [x]
     out = [(o.squeeze(0) if squeeze else o).to(dtype) for o in out]
     return tuple(out) if return_duals else out[0]
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_structure(n, n_eq, n_in, lb, ub, solver, n_jobs) -> QPStructure:
+    """The :class:`QPStructure` of dense ``P``, ``[A; G]`` (every entry stored, row-major),
+    equality rows first, bounds ``lb``, ``ub`` (tuples, None: none). Kept per shape, solver
+    and bounds (the structure is read-only): building it takes ~0.2 ms, about 5% of a
+    10-variable QP's forward pass."""
+    m = n_eq + n_in
+    rows, cols = np.divmod(np.arange(n * n), n)
+    c_rows, c_cols = np.divmod(np.arange(m * n), n)
+    return QPStructure(
+        n, m, rows, cols, c_rows, c_cols,
+        np.concatenate((np.zeros(n_eq, np.int8), np.full(n_in, -1, np.int8))),
+        np.full(n, -np.inf) if lb is None else np.array(lb),
+        np.full(n, np.inf) if ub is None else np.array(ub),
+        solver, n_jobs)
 
 
 __all__ = ["conic", "qp"]
