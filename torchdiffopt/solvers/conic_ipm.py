@@ -234,8 +234,8 @@ class _Newton:
         self.n = A.shape[-1]
         self.G = torch.cat([A[:, :mz] / DUAL_REGULARIZATION ** 0.5,
                             scaling.apply(A[:, mz:], -1)], 1)
-        gram = self.G.mT @ self.G
-        self.L, self.ok = cholesky_with_retries(gram if P is None else gram + P)
+        self.L, self.ok = cholesky_with_retries(
+            self.G.mT @ self.G if P is None else torch.baddbmm(P, self.G.mT, self.G))
 
     def _scaled(self, v):
         """``[v_z/√δ; W⁻¹v_c]``: a dual-row vector in the units of ``G``."""
@@ -340,8 +340,7 @@ def _iterate(P, c, A, b, mz, cones: _Cones, tol, max_iter):
     B, n = c.shape
     m = b.shape[1]
     norm_c, norm_b = _inf_norm(c), _inf_norm(b)
-    linear = not bool(P.any())
-    P_or_none = None if linear else P
+    P_or_none = P if bool(P.any()) else None  # None: a linear objective, its products skipped
 
     def pad(v):  # cone-row values → all rows
         return torch.cat([v.new_zeros(v.shape[0], mz, *v.shape[2:]), v], 1)
@@ -371,7 +370,8 @@ def _iterate(P, c, A, b, mz, cones: _Cones, tol, max_iter):
             status[members] = verdict[members]
 
     for it in range(max_iter + 1):
-        Px = torch.zeros_like(x) if linear else _matvec(P, x.unsqueeze(-1)).squeeze(-1)
+        Px = torch.zeros_like(x) if P_or_none is None else \
+            _matvec(P, x.unsqueeze(-1)).squeeze(-1)
         Ax = _matvec(A, x.unsqueeze(-1)).squeeze(-1)
         Aty = _matvec(A.mT, y.unsqueeze(-1)).squeeze(-1)
         xPx, cx, by, sy = _dot(x, Px), _dot(c, x), _dot(b, y), _dot(s, y[:, mz:])
