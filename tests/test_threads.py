@@ -74,3 +74,20 @@ def test_a_layer_call_leaves_the_thread_count_as_it_was(two_threads):
     x.sum().backward()
     assert torch.get_num_threads() == 2
     assert torch.allclose(x, torch.zeros(3, dtype=torch.float64))  # x = max(-p, 0) = 0
+
+
+def test_numpy_blas_runs_in_one_thread_inside_and_its_counts_come_back():
+    from threadpoolctl import threadpool_info
+
+    from torchdiffopt.linalg.threads import serial_numpy_blas
+
+    def blas_counts():
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+    before = blas_counts()
+    with serial_numpy_blas():
+        assert all(count == 1 for count in blas_counts())
+    assert blas_counts() == before
+    with pytest.raises(RuntimeError):
+        with serial_numpy_blas():
+            raise RuntimeError("inside")
+    assert blas_counts() == before

@@ -19,6 +19,7 @@ Two KKT representations share one interface (``jvp`` / ``vjp`` on the stored ent
 
 from __future__ import annotations
 
+import functools
 
 import numpy as np
 import scipy.sparse as sp
@@ -26,14 +27,16 @@ import torch
 
 from .backends.batched_quadratic import BatchedQuadraticKKT, with_bound_rows
 from .backends.quadratic import DataTangent, QuadraticKKT, bound_rows, check_convex
+from .backends.single_quadratic import single_kkt, well_pivoted_cholesky
 from .errors import NonconvexError, SolverError, warn_degenerate
-from .folding import derivative_under_transforms, needs_plain_seeds, seed_batch, vmap_by_folding
+from .folding import (derivative_under_transforms, is_transformed, needs_plain_seeds, seed_batch,
+                      vmap_by_folding)
 from .linalg.factorization import DENSE_MAX_ORDER
-from .linalg.threads import serial_if_small
+from .linalg.threads import serial_if_small, serial_numpy_blas
 from .solvers import NumericQP, qp_solver, solve_highs, solve_scs
 from .solvers.batch import record_outcomes, solve_each, solve_qpth
 from .solvers.box_qp import solve_box_qp
-from .solvers.daqp import solve_daqp
+from .solvers.daqp import DAQPForm, solve_daqp
 from .solvers.ipm import OPTIMAL, solve_ipm, status_error
 
 #: largest relative KKT residual accepted from a solver
@@ -77,6 +80,31 @@ class QPStructure:
             vals = vals.new_zeros(*vals.shape[:-1], self.m * self.n).index_add(
                 -1, self._C_flat.to(vals.device), vals)
         return vals.unflatten(-1, (self.m, self.n))
+
+    def dense_arrays(self, P_vals: np.ndarray, C_vals: np.ndarray):
+        """One member's ``(½(P + Pᵀ), C)`` as numpy arrays from its stored entries (the
+        numpy counterpart of :meth:`dense_P` and :meth:`dense_C`)."""
+        n, m = self.n, self.m
+        P = P_vals if self._P_full else np.bincount(
+            self._P_flat.numpy(), weights=P_vals, minlength=n * n)
+        C = C_vals if self._C_full else np.bincount(
+            self._C_flat.numpy(), weights=C_vals, minlength=m * n)
+        P = P.reshape(n, n)
+        return 0.5 * (P + P.T), np.ascontiguousarray(C.reshape(m, n))
+
+    @functools.cached_property
+    def daqp_form(self) -> DAQPForm:
+        """The :class:`~torchdiffopt.solvers.daqp.DAQPForm` of the senses and bounds."""
+        return DAQPForm(self.sense, self.lb, self.ub, self.n)
+
+    @functools.cached_property
+    def bound_rows(self):
+        """``(E, c0, sense)``: the bound rows ``x_j + c0 ∈ S`` as unit rows ``E (n_b, n)``
+        (:func:`~torchdiffopt.backends.quadratic.bound_rows`)."""
+        cols, c0, sense = bound_rows(self.lb, self.ub)
+        E = np.zeros((len(cols), self.n))
+        E[np.arange(len(cols)), cols] = 1.0
+        return E, c0, sense
 
     def P_entries(self, dense: torch.Tensor) -> torch.Tensor:
         """Cotangent of the stored entries from a symmetric dense ``(..., n, n)`` cotangent
@@ -200,9 +228,63 @@ def _solve_batch(call: SolveCall, P_vals, q, r, C_vals, c0):
     """Solve every member, factorize and certify; returns ``(x, μ, f)`` with NaN rows for
     failed members and leaves the KKT representation and statuses on ``call``."""
     st = call.structure
+    if len(q) == 1 and q.device.type == "cpu" and st.order <= SINGLE_MAX_ORDER \
+            and _batch_solver(st.solver, q.device, st) == "daqp" \
+            and not is_transformed(P_vals, q, r, C_vals, c0):
+        solved = _solve_single(call, P_vals, q, r, C_vals, c0)
+        if solved is not None:
+            return solved
     if st.order > DENSE_MAX_ORDER and q.device.type == "cpu" and st.solver != "qpth":
         return _solve_memberwise(call, P_vals, q, r, C_vals, c0)
     return _solve_dense(call, P_vals, q, r, C_vals, c0)
+
+
+#: largest KKT order (variables, rows and finite bounds) of a single problem built in numpy by
+#: :func:`_solve_single`: its explicit inverse costs more arithmetic than the batched path's
+#: factorization, which makes up for the fixed cost up to about this order (measured on W1's
+#: QPs at batch 1, forward and backward, 2 cores: order 200, 4.5 against 5.7 ms; 300, 7.3
+#: against 8.8 ms; 400, level at 12.9 ms)
+SINGLE_MAX_ORDER = 300
+
+
+def _solve_single(call: SolveCall, P_vals, q, r, C_vals, c0):
+    """The fast path for a batch of one on the CPU, solved by DAQP and factorized in numpy
+    (:mod:`~torchdiffopt.backends.single_quadratic`): ``(x, μ, f)`` with the KKT system on
+    ``call``, or None (nothing left on ``call``) where the problem is not the regular,
+    strictly convex, finite case, which the batched path then decides with its statuses,
+    warnings and retries."""
+    with serial_numpy_blas():
+        return _solve_single_serially(call, P_vals, q, r, C_vals, c0)
+
+
+def _solve_single_serially(call: SolveCall, P_vals, q, r, C_vals, c0):
+    st = call.structure
+    P_vals, q, r, C_vals, c0 = (t.detach().numpy()[0] for t in (P_vals, q, r, C_vals, c0))
+    # (a sum is finite where every entry is: NaN and inf propagate, overflow goes the
+    # batched way too)
+    if not np.isfinite(P_vals.sum() + q.sum() + r + C_vals.sum() + c0.sum()):
+        return None
+    P, C = st.dense_arrays(P_vals, C_vals)
+    L = well_pivoted_cholesky(P)
+    if L is None:
+        return None
+    form = st.daqp_form
+    upper, lower = form.bounds(c0[None])
+    status, x, lam, _ = form.solve(P, np.ascontiguousarray(q), C, upper[0], lower[0])
+    if status != OPTIMAL:
+        return None
+    mu_all = form.multipliers(lam[None])[0]
+    E, b_c0, b_sense = st.bound_rows
+    C_all = np.concatenate((C, E)) if len(E) else C
+    c0_all = np.concatenate((c0, b_c0)) if len(E) else c0
+    sense_all = np.concatenate((st.sense, b_sense)).astype(np.float64)
+    kkt = single_kkt(P, L, q, r, C_all, c0_all, sense_all, st.m, x, mu_all,
+                     form.equality | (mu_all != 0), KKT_TOLERANCE)
+    if kkt is None:
+        return None
+    call.kkt, call.status, call.errors = DenseBatchKKT(st, kkt), ["optimal"], {}
+    # copies: an in-place change of an output must not reach kkt
+    return kkt.x.clone(), kkt.mu.clone(), torch.tensor([kkt.f], dtype=_F64)
 
 
 def _solve_memberwise(call: SolveCall, P_vals, q, r, C_vals, c0):

@@ -527,7 +527,94 @@ def _well_pivoted(L: torch.Tensor) -> torch.Tensor:
     return (d_min >= _SCHUR_PIVOT_RATIO * d_max) & d_max.isfinite()
 
 
-class BatchedQuadraticKKT:
+class ActiveSetDerivatives:
+    """Forward and reverse mode of a batch of QP solutions through the KKT systems on their
+    active sets (the formulas of :mod:`.quadratic`). A subclass builds, per member: the point
+    ``x (B, n)``, the multipliers ``mu (B, m)`` of the constraint rows, ``valid (B,)``, the
+    active rows (of the ``M`` rows: constraints, then bound rows) in slots,
+    ``_slot_rows (B, k)`` with ``_used (B, k)`` (``_all_used`` where every slot is used),
+    and ``_factor``, whose ``solve(rhs (B, n + k, c))`` applies ``K⁻¹`` (``K⁺`` where
+    singular); and the sizes ``n``, ``m``, ``M``."""
+
+    def _solve(self, rhs_x, rhs_rows):
+        """``K⁻¹`` (``K⁺`` where singular) on ``[rhs_x; S rhs_rows]``, returned as the primal
+        part and ``Sᵀ`` times the slot part: ``rhs_x (B, …, n)`` and ``rhs_rows (B, …, M)``
+        (one trailing vector or a direction dimension before it) give ``(B, …, n)`` and
+        ``(B, …, M)``, zero on inactive rows."""
+        n = self.n
+        vec = rhs_x.dim() == 2
+        rx = rhs_x.unsqueeze(-1) if vec else rhs_x.transpose(-1, -2)
+        rr = rhs_rows.unsqueeze(-1) if vec else rhs_rows.transpose(-1, -2)
+        rows = self._slot_rows.unsqueeze(-1).expand(*rr.shape[:-2], -1, rr.shape[-1])
+        used = None if self._all_used else self._used.unsqueeze(-1)
+        mask = (lambda t: t) if used is None else (lambda t: t * used)  # noqa: E731
+        z = self._factor.solve(torch.cat((rx, mask(rr.gather(-2, rows))), dim=-2))
+        z_rows = torch.zeros_like(rr).scatter(-2, rows, mask(z[..., n:, :]))
+        z_x = z[..., :n, :]
+        if vec:
+            return z_x.squeeze(-1), z_rows.squeeze(-1)
+        return z_x.transpose(-1, -2), z_rows.transpose(-1, -2)
+
+    # -- forward mode ---------------------------------------------------------------------
+    def jvp(self, dP, dq, dr, dC, dc0):
+        """Tangents ``(dx (B, D, n), dμ (B, D, m), df (B, D))`` for data tangents with a
+        direction dimension: ``dP (B, D, n, n)``, ``dq (B, D, n)``, ``dr (B, D)``,
+        ``dC (B, D, m, n)``, ``dc0 (B, D, m)``.
+
+        ``dP`` need not be symmetric: only its symmetric part ``S = ½(dP + dPᵀ)`` enters,
+        applied as ``S x = ½(dP x + dPᵀ x)`` and ``xᵀ S x = xᵀ dP x``, so it is never formed.
+        The tangents are the largest arrays here (``B D n²``: 32 MB for W6's 50 directions),
+        and each of these products reads them once."""
+        m = self.m
+        x, mu = self.x, self.mu
+        # matmul against the point broadcast over the directions, not einsum: under vmap
+        # the tangents' vmapped dimension leads physically, and einsum's bmm would need
+        # the batch dimension first, a copy of each tangent (W6, 50 directions: 32 MB each)
+        x_col, x_row = x[:, None, :, None], x[:, None, None, :]
+        dCx = (dC @ x_col).squeeze(-1) + dc0
+        dPx = (dP @ x_col).squeeze(-1)
+        dPtx = (x_row @ dP).squeeze(-2)
+        rhs_x = 0.5 * (dPx + dPtx) + dq + (mu[:, None, None, :] @ dC).squeeze(-2)
+        pad = rhs_x.new_zeros(*rhs_x.shape[:2], self.M - m)
+        z_x, z_rows = self._solve(-rhs_x, -torch.cat((dCx, pad), dim=-1))
+        df = (0.5 * torch.einsum("bdi,bi->bd", dPx, x) + torch.einsum("bdi,bi->bd", dq, x)
+              + dr + torch.einsum("bi,bdi->bd", mu, dCx))
+        keep = self.valid.to(x.dtype)
+        return (z_x * keep[:, None, None], z_rows[..., :m] * keep[:, None, None],
+                df * keep[:, None])
+
+    # -- reverse mode ---------------------------------------------------------------------
+    def vjp(self, x_bar, mu_bar=None, f_bar=None):
+        """Data cotangents ``(P̄, q̄, r̄, C̄, c̄0)`` for seeds ``x̄ (B, n)``, ``μ̄ (B, m)`` and
+        ``f̄ (B,)`` (None: zero, and its terms skipped); zero for failed members."""
+        m, M = self.m, self.M
+        x, mu = self.x, self.mu
+        B = x_bar.shape[0]
+        if mu_bar is None:
+            # (a zero seed under a torch.func transform must be wrapped like x̄)
+            rows = torch.zeros_like(x_bar[:, :1]).expand(-1, M) if \
+                torch._C._functorch.is_functorch_wrapped_tensor(x_bar) else x_bar.new_zeros(B, M)
+        else:
+            rows = mu_bar if M == m else torch.cat((mu_bar, mu_bar.new_zeros(B, M - m)), -1)
+        u, v = self._solve(x_bar, rows)
+        u, v = -u, -v[:, :m]
+        if not bool(self.valid.all()):
+            keep = self.valid.to(x.dtype)
+            u, v = u * keep[:, None], v * keep[:, None]
+            f_bar = None if f_bar is None else f_bar * keep
+        if f_bar is None:
+            q_bar, a, c0_bar = u, u, v
+        else:
+            fx = f_bar[:, None] * x
+            q_bar, a, c0_bar = u + fx, u + 0.5 * fx, v + f_bar[:, None] * mu
+        # P̄ = ½(a xᵀ + x aᵀ) with a = u + ½ f̄ x; C̄ = [μ, v] [q̄, x]ᵀ: one product each
+        ax = a.unsqueeze(-1) @ x.unsqueeze(-2)
+        P_bar = 0.5 * (ax + ax.mT)
+        C_bar = torch.stack((mu, v), -1) @ torch.stack((q_bar, x), -2)
+        return P_bar, q_bar, f_bar, C_bar, c0_bar
+
+
+class BatchedQuadraticKKT(ActiveSetDerivatives):
     """Factorized KKT systems of a batch of QPs at their solutions.
 
     Inputs (float64, on one device): ``P (B, n, n)``, ``q (B, n)``, ``C (B, m, n)``,
@@ -628,80 +715,3 @@ class BatchedQuadraticKKT:
             / scale, _amax(violation / row_scale))
         if not all_valid:
             self.kkt_residual = self.kkt_residual * valid
-
-    def _solve(self, rhs_x, rhs_rows):
-        """``K⁻¹`` (``K⁺`` where singular) on ``[rhs_x; S rhs_rows]``, returned as the primal
-        part and ``Sᵀ`` times the slot part: ``rhs_x (B, …, n)`` and ``rhs_rows (B, …, M)``
-        (one trailing vector or a direction dimension before it) give ``(B, …, n)`` and
-        ``(B, …, M)``, zero on inactive rows."""
-        n = self.n
-        vec = rhs_x.dim() == 2
-        rx = rhs_x.unsqueeze(-1) if vec else rhs_x.transpose(-1, -2)
-        rr = rhs_rows.unsqueeze(-1) if vec else rhs_rows.transpose(-1, -2)
-        rows = self._slot_rows.unsqueeze(-1).expand(*rr.shape[:-2], -1, rr.shape[-1])
-        used = None if self._all_used else self._used.unsqueeze(-1)
-        mask = (lambda t: t) if used is None else (lambda t: t * used)  # noqa: E731
-        z = self._factor.solve(torch.cat((rx, mask(rr.gather(-2, rows))), dim=-2))
-        z_rows = torch.zeros_like(rr).scatter(-2, rows, mask(z[..., n:, :]))
-        z_x = z[..., :n, :]
-        if vec:
-            return z_x.squeeze(-1), z_rows.squeeze(-1)
-        return z_x.transpose(-1, -2), z_rows.transpose(-1, -2)
-
-    # -- forward mode ---------------------------------------------------------------------
-    def jvp(self, dP, dq, dr, dC, dc0):
-        """Tangents ``(dx (B, D, n), dμ (B, D, m), df (B, D))`` for data tangents with a
-        direction dimension: ``dP (B, D, n, n)``, ``dq (B, D, n)``, ``dr (B, D)``,
-        ``dC (B, D, m, n)``, ``dc0 (B, D, m)``.
-
-        ``dP`` need not be symmetric: only its symmetric part ``S = ½(dP + dPᵀ)`` enters,
-        applied as ``S x = ½(dP x + dPᵀ x)`` and ``xᵀ S x = xᵀ dP x``, so it is never formed.
-        The tangents are the largest arrays here (``B D n²``: 32 MB for W6's 50 directions),
-        and each of these products reads them once."""
-        m = self.m
-        x, mu = self.x, self.mu
-        # matmul against the point broadcast over the directions, not einsum: under vmap
-        # the tangents' vmapped dimension leads physically, and einsum's bmm would need
-        # the batch dimension first, a copy of each tangent (W6, 50 directions: 32 MB each)
-        x_col, x_row = x[:, None, :, None], x[:, None, None, :]
-        dCx = (dC @ x_col).squeeze(-1) + dc0
-        dPx = (dP @ x_col).squeeze(-1)
-        dPtx = (x_row @ dP).squeeze(-2)
-        rhs_x = 0.5 * (dPx + dPtx) + dq + (mu[:, None, None, :] @ dC).squeeze(-2)
-        pad = rhs_x.new_zeros(*rhs_x.shape[:2], self.M - m)
-        z_x, z_rows = self._solve(-rhs_x, -torch.cat((dCx, pad), dim=-1))
-        df = (0.5 * torch.einsum("bdi,bi->bd", dPx, x) + torch.einsum("bdi,bi->bd", dq, x)
-              + dr + torch.einsum("bi,bdi->bd", mu, dCx))
-        keep = self.valid.to(x.dtype)
-        return (z_x * keep[:, None, None], z_rows[..., :m] * keep[:, None, None],
-                df * keep[:, None])
-
-    # -- reverse mode ---------------------------------------------------------------------
-    def vjp(self, x_bar, mu_bar=None, f_bar=None):
-        """Data cotangents ``(P̄, q̄, r̄, C̄, c̄0)`` for seeds ``x̄ (B, n)``, ``μ̄ (B, m)`` and
-        ``f̄ (B,)`` (None: zero, and its terms skipped); zero for failed members."""
-        m, M = self.m, self.M
-        x, mu = self.x, self.mu
-        B = x_bar.shape[0]
-        if mu_bar is None:
-            # (a zero seed under a torch.func transform must be wrapped like x̄)
-            rows = torch.zeros_like(x_bar[:, :1]).expand(-1, M) if \
-                torch._C._functorch.is_functorch_wrapped_tensor(x_bar) else x_bar.new_zeros(B, M)
-        else:
-            rows = mu_bar if M == m else torch.cat((mu_bar, mu_bar.new_zeros(B, M - m)), -1)
-        u, v = self._solve(x_bar, rows)
-        u, v = -u, -v[:, :m]
-        if not bool(self.valid.all()):
-            keep = self.valid.to(x.dtype)
-            u, v = u * keep[:, None], v * keep[:, None]
-            f_bar = None if f_bar is None else f_bar * keep
-        if f_bar is None:
-            q_bar, a, c0_bar = u, u, v
-        else:
-            fx = f_bar[:, None] * x
-            q_bar, a, c0_bar = u + fx, u + 0.5 * fx, v + f_bar[:, None] * mu
-        # P̄ = ½(a xᵀ + x aᵀ) with a = u + ½ f̄ x; C̄ = [μ, v] [q̄, x]ᵀ: one product each
-        ax = a.unsqueeze(-1) @ x.unsqueeze(-2)
-        P_bar = 0.5 * (ax + ax.mT)
-        C_bar = torch.stack((mu, v), -1) @ torch.stack((q_bar, x), -2)
-        return P_bar, q_bar, f_bar, C_bar, c0_bar

@@ -56,8 +56,63 @@ PRIMAL_TOL = 1e-9
 MIN_THREADED_ENTRIES = 1 << 17
 
 
+class DAQPForm:
+    """The part of DAQP's form ``blower ≤ A x ≤ bupper`` that a QP structure fixes: the
+    simple bounds (every variable's, where any is finite), the constraint kinds, which rows
+    get ``−c0`` as an upper or a lower bound, and how DAQP's multipliers map back to the rows
+    of ``C`` and the bound rows of :func:`~torchdiffopt.backends.quadratic.bound_rows`.
+    Built once per structure; each solve only fills in ``−c0``."""
+
+    def __init__(self, sense, lb, ub, n: int):
+        from ..backends.quadratic import bound_rows  # the backends import the solvers
+
+        self.sense = np.asarray(sense).astype(int)
+        lb = np.full(n, -np.inf) if lb is None else np.asarray(lb, dtype=np.float64)
+        ub = np.full(n, np.inf) if ub is None else np.asarray(ub, dtype=np.float64)
+        self.b_cols, _, self.b_sense = bound_rows(lb, ub)
+        #: DAQP's simple bounds cover ``x[:simple]``
+        self.simple = n if len(self.b_cols) else 0
+        self.upper_simple = np.minimum(ub, DAQP_INF)[:self.simple]
+        self.lower_simple = np.maximum(lb, -DAQP_INF)[:self.simple]
+        self.kinds = np.where(np.concatenate(((lb == ub)[:self.simple], self.sense == 0)),
+                              DAQP_EQUALITY, 0).astype(c_int)
+        #: equality rows among the rows of ``C`` and the bound rows
+        self.equality = np.concatenate((self.sense, self.b_sense)) == 0
+
+    def bounds(self, c0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(bupper, blower)`` for ``c0 (B, m)``, each ``(B, simple + m)``, C-contiguous:
+        DAQP's wrapper reads each array from its first element and ignores strides (a
+        concatenation with a broadcast block can come out column-major)."""
+        B, rhs = len(c0), -c0
+        upper = np.concatenate((np.broadcast_to(self.upper_simple, (B, self.simple)),
+                                np.where(self.sense <= 0, rhs, DAQP_INF)), 1)
+        lower = np.concatenate((np.broadcast_to(self.lower_simple, (B, self.simple)),
+                                np.where(self.sense >= 0, rhs, -DAQP_INF)), 1)
+        return np.ascontiguousarray(upper), np.ascontiguousarray(lower)
+
+    def multipliers(self, lam: np.ndarray) -> np.ndarray:
+        """The IPM's ``μ (B, m + n_bound_rows)`` from DAQP's ``λ (B, simple + m)``: a
+        variable's one multiplier ``λ_j`` belongs to its upper bound row where positive, to
+        its lower bound row where negative (the sign convention of the module docstring)."""
+        lam_bound = lam[:, self.b_cols]
+        b_sense = self.b_sense
+        mu_bound = np.where(b_sense > 0, np.minimum(lam_bound, 0.0),
+                            np.where(b_sense < 0, np.maximum(lam_bound, 0.0), lam_bound))
+        return np.concatenate((lam[:, self.simple:], mu_bound), 1)
+
+    def solve(self, P, q, C, upper, lower):
+        """One member (C-contiguous float64 arrays, ``upper``, ``lower`` from
+        :meth:`bounds`): ``(status, x, λ, iterations)``, ``x`` and ``λ`` None where DAQP
+        found no solution (``x`` kept where it stopped unconverged)."""
+        x, _, flag, info = daqp.solve(P, q, C, upper, lower, self.kinds, primal_tol=PRIMAL_TOL)
+        status = _STATUS_OF_EXITFLAG.get(int(flag), NOT_CONVERGED)
+        optimal = status == OPTIMAL
+        return (status, x if optimal or status == NOT_CONVERGED else None,
+                info["lam"] if optimal else None, info["iterations"])
+
+
 def solve_daqp(P, q, C, c0, sense, lb=None, ub=None, *,
-               n_jobs: int | None = None) -> IPMResult:
+               n_jobs: int | None = None, form: DAQPForm | None = None) -> IPMResult:
     """Solve a batch of convex QPs (LPs when P = 0) with DAQP, member by member.
 
     ``P (B, n, n)`` symmetric positive semidefinite, ``q (B, n)``, ``C (B, m, n)``,
@@ -65,7 +120,9 @@ def solve_daqp(P, q, C, c0, sense, lb=None, ub=None, *,
     any float dtype (solved in float64 on the CPU). ``lb, ub (n,)`` (numpy, ±inf where
     absent; None for none) are variable bounds shared by the batch: DAQP takes them as
     simple bounds (one multiplier per variable, no row of ``C``), which on benchmark W5 (500
-    bounded variables) halves its time against unit rows.
+    bounded variables) halves its time against unit rows. ``form``, if given, is the
+    :class:`DAQPForm` of ``sense, lb, ub`` (a caller that solves one structure many times
+    keeps it).
 
     Returns an :class:`~torchdiffopt.solvers.ipm.IPMResult` in the IPM's conventions over the
     rows of ``C`` followed by the bound rows of
@@ -76,64 +133,41 @@ def solve_daqp(P, q, C, c0, sense, lb=None, ub=None, *,
     iteration limit, numerical failure; and non-finite data, which is not solved) and DAQP's
     ``iterations``.
     """
-    from ..backends.quadratic import bound_rows  # the backends import the solvers
-
     dtype, device = q.dtype, q.device
     B, n = q.shape
     P_np, q_np, C_np, c0_np = (_host_array(t) for t in (P, q, C, c0))
-    sense_np = np.asarray(torch.as_tensor(sense).cpu()).astype(int)
-    lb = np.full(n, -np.inf) if lb is None else np.asarray(lb, dtype=np.float64)
-    ub = np.full(n, np.inf) if ub is None else np.asarray(ub, dtype=np.float64)
-    b_cols, _, b_sense = bound_rows(lb, ub)
-    simple = n if len(b_cols) else 0  # DAQP's simple bounds cover x[:simple]
-    rhs = -c0_np
-    # C-contiguous rows: DAQP's wrapper reads each array from its first element and ignores
-    # strides (a concatenation with a broadcast block can come out column-major)
-    upper = np.ascontiguousarray(np.concatenate(
-        (np.broadcast_to(np.minimum(ub, DAQP_INF), (B, n))[:, :simple],
-         np.where(sense_np <= 0, rhs, DAQP_INF)), 1))
-    lower = np.ascontiguousarray(np.concatenate(
-        (np.broadcast_to(np.maximum(lb, -DAQP_INF), (B, n))[:, :simple],
-         np.where(sense_np >= 0, rhs, -DAQP_INF)), 1))
+    if form is None:
+        form = DAQPForm(torch.as_tensor(sense).cpu().numpy(), lb, ub, n)
+    upper, lower = form.bounds(c0_np)
     # DAQP reports non-finite data as solved: such members are not handed to it
     finite = np.isfinite(P_np).all((1, 2)) & np.isfinite(q_np).all(1) & \
         np.isfinite(C_np).all((1, 2)) & np.isfinite(c0_np).all(1)
-    kinds = np.where(np.concatenate(((lb == ub)[:simple], sense_np == 0)), DAQP_EQUALITY,
-                     0).astype(c_int)
 
     x = np.full((B, n), np.nan)
-    lam = np.full((B, simple + len(sense_np)), np.nan)
+    lam = np.full((B, form.simple + len(form.sense)), np.nan)
     status = np.full(B, NOT_CONVERGED, dtype=np.int64)
     iterations = np.zeros(B, dtype=np.int64)
 
     def solve_chunk(members: range) -> None:
         for b in (b for b in members if finite[b]):
-            xb, _, flag, info = daqp.solve(P_np[b], q_np[b], C_np[b], upper[b], lower[b],
-                                           kinds, primal_tol=PRIMAL_TOL)
-            status[b] = _STATUS_OF_EXITFLAG.get(int(flag), NOT_CONVERGED)
-            iterations[b] = info["iterations"]
-            if status[b] == OPTIMAL:
-                x[b], lam[b] = xb, info["lam"]
-            elif status[b] == NOT_CONVERGED:
+            status[b], xb, lam_b, iterations[b] = form.solve(P_np[b], q_np[b], C_np[b],
+                                                             upper[b], lower[b])
+            if xb is not None:
                 x[b] = xb
+            if lam_b is not None:
+                lam[b] = lam_b
 
     workers = min(B, n_jobs or CPU_COUNT)
-    if workers <= 1 or B * n * (n + len(sense_np)) < MIN_THREADED_ENTRIES:
+    if workers <= 1 or B * n * (n + len(form.sense)) < MIN_THREADED_ENTRIES:
         solve_chunk(range(B))
     else:
         cuts = np.linspace(0, B, workers + 1).astype(int)
         with ThreadPoolExecutor(max_workers=workers) as pool:
             list(pool.map(solve_chunk, [range(lo, hi) for lo, hi in zip(cuts, cuts[1:])]))
 
-    # a variable's one multiplier λ_j belongs to its upper bound row where positive, to its
-    # lower bound row where negative (the sign convention of the module docstring)
-    lam_bound = lam[:, b_cols]
-    mu_bound = np.where(b_sense > 0, np.minimum(lam_bound, 0.0),
-                        np.where(b_sense < 0, np.maximum(lam_bound, 0.0), lam_bound))
-    mu = np.concatenate((lam[:, simple:], mu_bound), 1)
+    mu = form.multipliers(lam)
     optimal = status == OPTIMAL
-    equality = np.concatenate((sense_np, b_sense)) == 0
-    active = (equality | (mu != 0)) & optimal[:, None]
+    active = (form.equality | (mu != 0)) & optimal[:, None]
     back = lambda a, dt=dtype: torch.as_tensor(a, dtype=dt, device=device)  # noqa: E731
     return IPMResult(x=back(x), mu=back(mu), active=back(active, torch.bool),
                      status=back(status, torch.int64), iterations=back(iterations, torch.int64))
@@ -169,4 +203,4 @@ def solve_daqp_qp(problem: NumericQP) -> Solution:
                     bound_shadow=bound_shadow)
 
 
-__all__ = ["solve_daqp", "solve_daqp_qp"]
+__all__ = ["DAQPForm", "solve_daqp", "solve_daqp_qp"]
