@@ -118,21 +118,23 @@ def test_a_layer_with_sparse_patterns_takes_it(single_calls, monkeypatch):
     x = m.variable(3, lb=-1.0, ub=1.0)
     c = m.parameter(np.zeros(3))
     s = m.parameter(1.0)
-    m.constraint(x[0] + 2 * x[1] - x[2] <= s)
+    con = m.constraint(x[0] + 2 * x[1] - x[2] <= s)
     m.minimize(tdo.sum_squares(x) + c @ x)
-    layer = tdo.Layer(m, parameters=[c, s], outputs=x)
+    # seeds on the solution, the dual and the optimal value
+    layer = tdo.Layer(m, parameters=[c, s], outputs=[x, con, m.objective])
     c_val = torch.tensor([[-3.0, -4.0, 1.0]], dtype=F64, requires_grad=True)
     s_val = torch.tensor([0.5], dtype=F64, requires_grad=True)
 
     def run():
-        out = layer(c_val, s_val)
-        return out, torch.autograd.grad((out * torch.arange(1.0, 4.0)).sum(), (c_val, s_val))
-    out, grads = run()
+        x_out, dual, value = layer(c_val, s_val)
+        loss = (x_out * torch.arange(1.0, 4.0)).sum() + 2 * dual.sum() - 0.5 * value.sum()
+        return [x_out, dual, value], torch.autograd.grad(loss, (c_val, s_val))
+    outs, grads = run()
     assert single_calls == [True]
+    assert abs(float(outs[1].detach().sum())) > 1e-3  # the constraint binds
     batched_path(monkeypatch)
-    ref_out, ref_grads = run()
-    torch.testing.assert_close(out, ref_out, atol=1e-10, rtol=1e-9)
-    for a, b in zip(grads, ref_grads):
+    ref_outs, ref_grads = run()
+    for a, b in zip(outs + list(grads), ref_outs + list(ref_grads)):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
 
 

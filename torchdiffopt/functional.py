@@ -47,10 +47,14 @@ def qp(P, q, A=None, b=None, G=None, h=None, *, lb=None, ub=None, solver=None,
              if batched[name]}
     if len(set(sizes.values())) > 1:
         raise ValueError(f"batch size mismatch among the inputs: {sizes}")
-    for name, t in zip("P q A b G h".split(), (P, q, A, b, G, h)):
-        if t.numel() and not torch._C._functorch.is_functorch_wrapped_tensor(t) and \
-                not bool(torch.isfinite(t).all()):
-            raise ValueError(f"input {name!r} contains NaN or inf")
+    named = {name: t for name, t in zip("P q A b G h".split(), (P, q, A, b, G, h))
+             if t.numel() and not torch._C._functorch.is_functorch_wrapped_tensor(t)}
+    # one test of the sums first (NaN and inf propagate; 28 against 72 µs for W1's four
+    # inputs), the inputs themselves only where it fails
+    if named and not bool(torch.stack([t.sum() for t in named.values()]).isfinite().all()):
+        for name, t in named.items():
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"input {name!r} contains NaN or inf")
     B = next(iter(sizes.values()), 1)
     n_eq, n_in = A.shape[-2], G.shape[-2]
     if P.shape[-2:] != (n, n) or A.shape[-1] != n or G.shape[-1] != n \

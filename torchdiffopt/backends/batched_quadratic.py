@@ -602,16 +602,25 @@ class ActiveSetDerivatives:
             keep = self.valid.to(x.dtype)
             u, v = u * keep[:, None], v * keep[:, None]
             f_bar = None if f_bar is None else f_bar * keep
-        if f_bar is None:
-            q_bar, a, c0_bar = u, u, v
-        else:
-            fx = f_bar[:, None] * x
-            q_bar, a, c0_bar = u + fx, u + 0.5 * fx, v + f_bar[:, None] * mu
-        # P̄ = ½(a xᵀ + x aᵀ) with a = u + ½ f̄ x; C̄ = [μ, v] [q̄, x]ᵀ: one product each
-        ax = a.unsqueeze(-1) @ x.unsqueeze(-2)
-        P_bar = 0.5 * (ax + ax.mT)
-        C_bar = torch.stack((mu, v), -1) @ torch.stack((q_bar, x), -2)
-        return P_bar, q_bar, f_bar, C_bar, c0_bar
+        return data_cotangents(x, mu, u, v, f_bar)
+
+
+def data_cotangents(x, mu, u, v, f_bar):
+    """The data cotangents ``(P̄, q̄, r̄, C̄, c̄0)`` of :mod:`.quadratic`'s reverse mode from
+    the point ``x (B, n)``, the multipliers ``μ (B, m)``, the adjoint solution
+    ``K [u; v_𝒜] = −[x̄; μ̄_𝒜]`` (``v (B, m)`` zero off the active rows) and the objective's
+    seed ``f̄ (B,)`` (None: zero, and ``r̄`` None); torch tensors or numpy arrays alike."""
+    if f_bar is None:
+        q_bar, a, c0_bar = u, u, v
+    else:
+        fx = f_bar[:, None] * x
+        q_bar, a, c0_bar = u + fx, u + 0.5 * fx, v + f_bar[:, None] * mu
+    # P̄ = ½(a xᵀ + x aᵀ) with a = u + ½ f̄ x; C̄ = [μ, v] [q̄, x]ᵀ: one product each
+    stack = np.stack if isinstance(u, np.ndarray) else torch.stack
+    ax = a[:, :, None] @ x[:, None, :]
+    P_bar = 0.5 * (ax + ax.swapaxes(-1, -2))
+    C_bar = stack((mu, v), -1) @ stack((q_bar, x), -2)
+    return P_bar, q_bar, f_bar, C_bar, c0_bar
 
 
 class BatchedQuadraticKKT(ActiveSetDerivatives):
