@@ -169,3 +169,14 @@ def test_a_failed_single_problem_reports_its_status_with_nan_outputs(single_call
     (grad,) = torch.autograd.grad(x.nan_to_num().sum(), q)
     assert bool((grad == 0).all())
     assert single_calls == [False]
+
+
+def test_float32_inputs_are_solved_in_float64_and_returned_in_float32(single_calls):
+    data = random_qp(5, 7, seed=11)
+    x64, _ = outputs_and_grads(data)
+    leaves = [t.float().requires_grad_() for t in data]
+    x32 = tdo.functional.qp(*leaves)
+    (g_q,) = torch.autograd.grad(x32.sum(), leaves[1])
+    assert x32.dtype == torch.float32 and g_q.dtype == torch.float32
+    torch.testing.assert_close(x32.double(), x64[0].detach(), atol=1e-5, rtol=1e-5)
+    assert single_calls == [True, True]
