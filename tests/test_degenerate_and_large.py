@@ -249,8 +249,10 @@ def test_active_set_factorization_schur_members_and_the_rest():
     others (an LP vertex, a dependent active row, a singular P that makes K nonsingular) by
     LU or the pseudo-inverse. Every member's solution equals torch's pseudo-inverse applied
     to the right-hand sides, and the singular flags equal DenseFactorization's."""
-    from torchdiffopt.backends.batched_quadratic import (ActiveSetFactorization, KKTBlocks,
+    from torchdiffopt.backends.batched_quadratic import (INVERSE_MIN_COLUMNS,
+                                                         ActiveSetFactorization, KKTBlocks,
                                                          _kkt_pseudo_inverse)
+    from torchdiffopt.folding import solve_columns
     from torchdiffopt.linalg.factorization import DenseFactorization
 
     gen = torch.Generator().manual_seed(2)
@@ -285,12 +287,22 @@ def test_active_set_factorization_schur_members_and_the_rest():
     rhs = torch.randn(len(K), n + k, 3, dtype=torch.float64, generator=gen)
     expected = torch.linalg.pinv(K, hermitian=True, rtol=rtol) @ rhs
     torch.testing.assert_close(factor.solve(rhs), expected, atol=1e-9, rtol=1e-9)
-    # under torch.func (here vmap over stacked right-hand sides) the batch is solved by LU:
-    # the same solutions
+    # under vmap, folded into the columns (solve_columns): the same solutions
     stacked = torch.stack((rhs, 2.0 * rhs))
-    torch.testing.assert_close(torch.func.vmap(factor.solve)(stacked),
-                               torch.stack((expected, 2.0 * expected)), atol=1e-9, rtol=1e-9)
-    assert factor._ways[0][1].__self__._lu is not None
+    torch.testing.assert_close(
+        torch.func.vmap(lambda r: solve_columns(factor.solve, r))(stacked),
+        torch.stack((expected, 2.0 * expected)), atol=1e-9, rtol=1e-9)
+    # many columns: the Schur members through the explicit inverse, the same solutions
+    wide = torch.randn(len(K), n + k, INVERSE_MIN_COLUMNS, dtype=torch.float64, generator=gen)
+    schur = factor._ways[0][1].__self__
+    assert schur._inverse is None
+    torch.testing.assert_close(factor.solve(wide),
+                               torch.linalg.pinv(K, hermitian=True, rtol=rtol) @ wide,
+                               atol=1e-9, rtol=1e-9)
+    assert schur._inverse is not None
+    Ks = K[[0, 1, 5]]
+    torch.testing.assert_close(schur.inverse() @ Ks, torch.eye(n + k, dtype=torch.float64)
+                               .expand_as(Ks), atol=1e-11, rtol=0)
 
 
 def test_schur_solves_are_accurate_for_ill_conditioned_P():

@@ -343,3 +343,26 @@ def test_calls_of_one_shape_with_different_bounds_and_solvers_keep_them_apart():
             high = torch.as_tensor(torch.inf if ub is None else ub, dtype=torch.float64)
             torch.testing.assert_close(x, torch.minimum(torch.maximum(y, low), high),
                                        atol=1e-9, rtol=0)
+
+
+def test_the_backward_computes_only_the_cotangents_asked_for(monkeypatch):
+    import torchdiffopt.backends.batched_quadratic as bq
+
+    Q, p, G, h = optnet_qp(3, 4, 5, seed=2)
+    asked = []
+    original = bq.data_cotangents
+
+    def spy(*args):
+        out = original(*args)
+        asked.append([c is not None for c in out])
+        return out
+    monkeypatch.setattr(bq, "data_cotangents", spy)
+    p_only = p.clone().requires_grad_()
+    (g_p,) = torch.autograd.grad(tdo.functional.qp(Q, p_only, G=G, h=h).sum(), p_only)
+    # (P̄, q̄, r̄, C̄, c̄0): the linear cost's alone
+    assert asked == [[False, True, False, False, False]]
+    leaves = [t.clone().requires_grad_() for t in (Q, p, G, h)]
+    x = tdo.functional.qp(leaves[0], leaves[1], G=leaves[2], h=leaves[3])
+    grads = torch.autograd.grad(x.sum(), leaves)
+    assert asked[-1] == [True, True, False, True, True]
+    torch.testing.assert_close(g_p, grads[1], atol=1e-12, rtol=1e-12)

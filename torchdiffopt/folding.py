@@ -154,3 +154,47 @@ class _MemberDerivative(torch.autograd.Function):
             t if d is None else t.select(d, v) for t, d in zip(tensors, dims)))
             for v in range(info.batch_size)]
         return tuple(torch.stack(outs) for outs in zip(*slices)), (0,) * len(slices[0])
+
+
+def solve_columns(solve, rhs: torch.Tensor) -> torch.Tensor:
+    """``solve(rhs)`` for a ``solve`` that acts on each column of ``rhs (*batch, N, k)``
+    alone (``K⁻¹ rhs`` by a factorization), with each ``vmap`` around it folded into the
+    columns: ``(V, *batch, N, k) → (*batch, N, k·V)``, one solve, unfolded. The batching rules
+    of the factorizations' solves (``lu_solve``, ``solve_triangular``, ``cholesky_solve``)
+    would instead expand the factors, which are not vmapped, over the vmapped dimension:
+    W6's 50 directions on 32 systems of order 80 took 5.6 ms in ``lu_solve`` that way, and
+    an expanded inverse 30 ms in the copy alone. Outside ``vmap`` it is ``solve(rhs)``."""
+    if not torch._C._functorch.is_functorch_wrapped_tensor(rhs):
+        return solve(rhs)
+    return _ColumnSolve.apply(solve, rhs)
+
+
+class _ColumnSolve(torch.autograd.Function):
+    """``apply(solve, rhs) = solve(rhs)`` with the ``vmap`` rule of :func:`solve_columns`.
+    Not differentiable itself: a derivative of it is a second derivative of a solution
+    map."""
+
+    @staticmethod
+    def forward(solve, rhs):
+        return solve(rhs)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError(_SECOND_DERIVATIVES)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(_SECOND_DERIVATIVES)
+
+    @staticmethod
+    def vmap(info, in_dims, solve, rhs):
+        dim = in_dims[1]
+        if dim is None:
+            return _ColumnSolve.apply(solve, rhs), None
+        folded = rhs.movedim(dim, -1)  # (*batch, N, k, V)
+        z = _ColumnSolve.apply(solve, folded.reshape(*folded.shape[:-2], -1))
+        return z.reshape(folded.shape), folded.dim() - 1

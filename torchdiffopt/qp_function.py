@@ -25,7 +25,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .backends.batched_quadratic import BatchedQuadraticKKT, with_bound_rows
+from .backends.batched_quadratic import ALL_COTANGENTS, BatchedQuadraticKKT, with_bound_rows
 from .backends.quadratic import DataTangent, QuadraticKKT, bound_rows, check_convex
 from .backends.single_quadratic import single_kkt, well_pivoted_cholesky
 from .errors import NonconvexError, SolverError, warn_degenerate
@@ -170,11 +170,13 @@ class DenseBatchKKT:
         return self.kkt.jvp(st.dense_P(dP_vals, symmetric=False), dq, dr,
                             st.dense_C(dC_vals), dc0)
 
-    def vjp(self, x_bar, mu_bar=None, f_bar=None):
-        """Cotangents of the stored entries; ``mu_bar``, ``f_bar`` None for zero seeds."""
+    def vjp(self, x_bar, mu_bar=None, f_bar=None, wanted=ALL_COTANGENTS):
+        """Cotangents of the stored entries; ``mu_bar``, ``f_bar`` None for zero seeds; None
+        for those that ``wanted`` does not ask for."""
         st = self.structure
-        P_bar, q_bar, r_bar, C_bar, c0_bar = self.kkt.vjp(x_bar, mu_bar, f_bar)
-        return st.P_entries(P_bar), q_bar, r_bar, st.C_entries(C_bar), c0_bar
+        P_bar, q_bar, r_bar, C_bar, c0_bar = self.kkt.vjp(x_bar, mu_bar, f_bar, wanted)
+        return (None if P_bar is None else st.P_entries(P_bar), q_bar, r_bar,
+                None if C_bar is None else st.C_entries(C_bar), c0_bar)
 
 
 class MemberwiseKKT:
@@ -198,7 +200,7 @@ class MemberwiseKKT:
                 dx[b, d], dmu[b, d], df[b, d] = kkt.jvp(tangent)
         return tuple(torch.as_tensor(a, dtype=_F64, device=dq.device) for a in (dx, dmu, df))
 
-    def vjp(self, x_bar, mu_bar=None, f_bar=None):
+    def vjp(self, x_bar, mu_bar=None, f_bar=None, wanted=ALL_COTANGENTS):
         st = self.structure
         B = x_bar.shape[0]
         mu_bar = x_bar.new_zeros(B, st.m) if mu_bar is None else mu_bar
@@ -214,7 +216,8 @@ class MemberwiseKKT:
                       cot.C_at(st.C_rows, st.C_cols), cot.c0)
             for slot, value in zip(out, values):
                 slot[b] = value
-        return tuple(torch.as_tensor(a, dtype=_F64, device=x_bar.device) for a in out)
+        return tuple(torch.as_tensor(a, dtype=_F64, device=x_bar.device) if want else None
+                     for a, want in zip(out, wanted))
 
 
 def _warn_degenerate(members: list) -> None:
@@ -572,7 +575,7 @@ class QPSolve(torch.autograd.Function):
         if not ctx.all_valid:
             x_bar, mu_bar, f_bar = _valid_seeds(kkt.valid, x_bar, mu_bar, f_bar)
         with serial_if_small(members, st.order, x_bar.device):
-            return (None, *kkt.vjp(x_bar, mu_bar, f_bar))
+            return (None, *kkt.vjp(x_bar, mu_bar, f_bar, tuple(ctx.needs_input_grad[1:])))
 
     @staticmethod
     def jvp(ctx, _call_tangent, *tangents):

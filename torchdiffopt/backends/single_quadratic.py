@@ -38,7 +38,8 @@ import torch
 from scipy.linalg import lapack
 
 from ..folding import is_transformed
-from .batched_quadratic import SCHUR_PIVOT_RTOL, ActiveSetDerivatives, data_cotangents
+from .batched_quadratic import (ALL_COTANGENTS, SCHUR_PIVOT_RTOL, ActiveSetDerivatives,
+                                data_cotangents)
 from .quadratic import ACTIVE_RTOL, WEAK_RTOL
 
 #: the pivot test on Cholesky diagonals: ``min L_ii ≥ √SCHUR_PIVOT_RTOL · max L_ii``
@@ -101,9 +102,9 @@ class SingleQuadraticKKT(ActiveSetDerivatives):
         self.f = f
         self._arrays = x[None], mu_all[None, :m], rows, K, K_inv
 
-    def vjp(self, x_bar, mu_bar=None, f_bar=None):
+    def vjp(self, x_bar, mu_bar=None, f_bar=None, wanted=ALL_COTANGENTS):
         if is_transformed(x_bar, mu_bar, f_bar):
-            return super().vjp(x_bar, mu_bar, f_bar)
+            return super().vjp(x_bar, mu_bar, f_bar, wanted)
         x, mu, rows, K, K_inv = self._arrays
         n, m = self.n, self.m
         rhs = np.zeros(len(K))
@@ -117,7 +118,7 @@ class SingleQuadraticKKT(ActiveSetDerivatives):
         v[0, rows[rows < m]] = -z[n:][rows < m]
         f_bar = None if f_bar is None else f_bar.detach().numpy()
         return tuple(None if c is None else torch.from_numpy(c)
-                     for c in data_cotangents(x, mu, -z[None, :n], v, f_bar))
+                     for c in data_cotangents(x, mu, -z[None, :n], v, f_bar, wanted))
 
 
 def single_kkt(P, L, q, r, C_all, c0_all, sense_all, m, x, mu_all, hint,
