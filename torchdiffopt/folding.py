@@ -22,7 +22,8 @@ the forward did not fold (the vmap of ``jacrev`` in ``vmap(jacrev(f))``) the sli
 one at a time, so that the folded level below meets each. Seeds with the factorization's
 batch (``jacrev(f)``, ``jacfwd(f)``, ``jacrev(vmap(f))``: many seeds against one solve, or a
 vmap over ``autograd.grad`` after the forward's vmap has ended) are handled by the
-derivative's own torch operations, vmapped as they are.
+derivative's own torch operations, vmapped as they are; their solves with a factorization
+go through :func:`solve_columns`, which folds each vmap into the columns.
 """
 
 from __future__ import annotations
