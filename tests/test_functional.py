@@ -345,10 +345,12 @@ def test_calls_of_one_shape_with_different_bounds_and_solvers_keep_them_apart():
                                        atol=1e-9, rtol=0)
 
 
-def test_the_backward_computes_only_the_cotangents_asked_for(monkeypatch):
+@pytest.mark.parametrize("B", [3, 1], ids=["batched", "single"])
+def test_the_backward_computes_only_the_cotangents_asked_for(monkeypatch, B):
     import torchdiffopt.backends.batched_quadratic as bq
+    import torchdiffopt.backends.single_quadratic as sq
 
-    Q, p, G, h = optnet_qp(3, 4, 5, seed=2)
+    Q, p, G, h = optnet_qp(B, 4, 5, seed=2)
     asked = []
     original = bq.data_cotangents
 
@@ -357,6 +359,7 @@ def test_the_backward_computes_only_the_cotangents_asked_for(monkeypatch):
         asked.append([c is not None for c in out])
         return out
     monkeypatch.setattr(bq, "data_cotangents", spy)
+    monkeypatch.setattr(sq, "data_cotangents", spy)
     p_only = p.clone().requires_grad_()
     (g_p,) = torch.autograd.grad(tdo.functional.qp(Q, p_only, G=G, h=h).sum(), p_only)
     # (P̄, q̄, r̄, C̄, c̄0): the linear cost's alone

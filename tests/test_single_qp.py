@@ -58,11 +58,20 @@ def outputs_and_grads(data, lb=None, ub=None, seed=1):
                           for t, gr in zip(leaves, grads)]
 
 
-@pytest.mark.parametrize("n_eq, bounds", [(0, False), (2, False), (1, True)],
-                         ids=["inequalities", "equalities", "bounds"])
-def test_values_and_gradients_equal_the_batched_path(single_calls, monkeypatch, n_eq, bounds):
-    data = random_qp(6, 9, n_eq=n_eq, seed=n_eq, z_scale=0.0 if bounds else 1.0)
-    lb, ub = (np.full(6, -0.3), np.full(6, 0.2)) if bounds else (None, None)
+@pytest.mark.parametrize("m, n_eq, bounds", [
+    (9, 0, None), (9, 2, None), (9, 1, "box"), (0, 3, None), (0, 0, "box"), (4, 0, "fixed")],
+    ids=["inequalities", "equalities", "bounds", "equalities only", "bounds only",
+         "fixed variables"])
+def test_values_and_gradients_equal_the_batched_path(single_calls, monkeypatch, m, n_eq,
+                                                     bounds):
+    data = random_qp(6, m, n_eq=n_eq, seed=n_eq, z_scale=0.0 if bounds else 1.0)
+    lb, ub = {None: (None, None), "box": (np.full(6, -0.3), np.full(6, 0.2)),
+              "fixed": (np.array([0.0, 0.0, -1, -1, -1, -1]),
+                        np.array([0.0, 0.0, 1, 1, 1, 1]))}[bounds]
+    if m == 0:  # no inequality rows: G, h empty
+        data[4], data[5] = data[4][:, :0], data[5][:, :0]
+    if n_eq == 0:
+        data[2], data[3] = data[2][:, :0], data[3][:, :0]
     outs, grads = outputs_and_grads(data, lb, ub)
     assert single_calls == [True]
     batched_path(monkeypatch)
@@ -70,9 +79,11 @@ def test_values_and_gradients_equal_the_batched_path(single_calls, monkeypatch, 
     assert single_calls == [True]  # (the batched path does not pass through it)
     for a, b in zip(outs + grads, ref_outs + ref_grads):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
-    if bounds:  # some bound is active, so its rows took part
-        x = outs[0].detach()
+    x = outs[0].detach()
+    if bounds == "box":  # some bound is active, so its rows took part
         assert bool(((x - 0.2).abs() < 1e-9).any() or ((x + 0.3).abs() < 1e-9).any())
+    if bounds == "fixed":
+        assert float(x[0, :2].abs().max()) < 1e-14
 
 
 def test_gradient_against_central_differences(single_calls):
@@ -180,3 +191,35 @@ def test_float32_inputs_are_solved_in_float64_and_returned_in_float32(single_cal
     assert x32.dtype == torch.float32 and g_q.dtype == torch.float32
     torch.testing.assert_close(x32.double(), x64[0].detach(), atol=1e-5, rtol=1e-5)
     assert single_calls == [True, True]
+
+
+def test_a_backward_with_create_graph_records_the_same_graph_as_the_batched_path(
+        single_calls, monkeypatch):
+    P, q, A, b, G, h = random_qp(5, 7, seed=13)
+
+    def hessian_vector_product():
+        q_leaf = q.clone().requires_grad_()
+        x = tdo.functional.qp(P, q_leaf, G=G, h=h)
+        (g,) = torch.autograd.grad((x ** 2).sum(), q_leaf, create_graph=True)
+        return g, torch.autograd.grad((g * torch.arange(5.0)).sum(), q_leaf)[0]
+    g, hv = hessian_vector_product()
+    assert single_calls == [True]
+    batched_path(monkeypatch)
+    g_ref, hv_ref = hessian_vector_product()
+    torch.testing.assert_close(g, g_ref, atol=1e-10, rtol=1e-9)
+    # x is affine in q on a fixed active set: the product is exact, and nonzero
+    torch.testing.assert_close(hv, hv_ref, atol=1e-10, rtol=1e-9)
+    assert float(hv.abs().max()) > 1e-3
+
+
+def test_the_objective_seed_is_not_written_to(single_calls):
+    P, q, A, b, G, h = random_qp(4, 6, seed=17)
+    st = tdo.functional._dense_structure(4, 0, 6, None, None, None, None)
+    r = torch.zeros(1, dtype=F64, requires_grad=True)
+    call = qf.SolveCall(st)
+    _, _, f = qf.QPSolve.apply(call, P.flatten(-2), q, r, G.flatten(-2), -h)
+    seed = torch.ones(1, dtype=F64)
+    f.backward(seed, retain_graph=True)
+    f.backward(seed)
+    assert float(seed) == 1.0 and float(r.grad) == 2.0
+    assert single_calls == [True]

@@ -77,17 +77,19 @@ def test_a_layer_call_leaves_the_thread_count_as_it_was(two_threads):
 
 
 def test_numpy_blas_runs_in_one_thread_inside_and_its_counts_come_back():
-    from threadpoolctl import threadpool_info
+    from threadpoolctl import threadpool_info, threadpool_limits
 
     from torchdiffopt.linalg.threads import serial_numpy_blas
 
     def blas_counts():
         return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
-    before = blas_counts()
-    with serial_numpy_blas():
-        assert all(count == 1 for count in blas_counts())
-    assert blas_counts() == before
-    with pytest.raises(RuntimeError):
+    with threadpool_limits(2, user_api="blas"):  # (more than one to begin with)
+        before = blas_counts()
+        assert max(before) == 2
         with serial_numpy_blas():
-            raise RuntimeError("inside")
-    assert blas_counts() == before
+            assert all(count == 1 for count in blas_counts())
+        assert blas_counts() == before
+        with pytest.raises(RuntimeError):
+            with serial_numpy_blas():
+                raise RuntimeError("inside")
+        assert blas_counts() == before

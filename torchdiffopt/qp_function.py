@@ -29,8 +29,7 @@ from .backends.batched_quadratic import ALL_COTANGENTS, BatchedQuadraticKKT, wit
 from .backends.quadratic import DataTangent, QuadraticKKT, bound_rows, check_convex
 from .backends.single_quadratic import single_kkt, well_pivoted_cholesky
 from .errors import NonconvexError, SolverError, warn_degenerate
-from .folding import (derivative_under_transforms, is_transformed, needs_plain_seeds, seed_batch,
-                      vmap_by_folding)
+from .folding import derivative_under_transforms, needs_plain_seeds, seed_batch, vmap_by_folding
 from .linalg.factorization import DENSE_MAX_ORDER
 from .linalg.threads import serial_if_small, serial_numpy_blas
 from .solvers import NumericQP, qp_solver, solve_highs, solve_scs
@@ -232,8 +231,7 @@ def _solve_batch(call: SolveCall, P_vals, q, r, C_vals, c0):
     failed members and leaves the KKT representation and statuses on ``call``."""
     st = call.structure
     if len(q) == 1 and q.device.type == "cpu" and st.order <= SINGLE_MAX_ORDER \
-            and _batch_solver(st.solver, q.device, st) == "daqp" \
-            and not is_transformed(P_vals, q, r, C_vals, c0):
+            and _batch_solver(st.solver, q.device, st) == "daqp":
         solved = _solve_single(call, P_vals, q, r, C_vals, c0)
         if solved is not None:
             return solved
@@ -265,8 +263,9 @@ def _solve_single_serially(call: SolveCall, P_vals, q, r, C_vals, c0):
     P_vals, q, r, C_vals, c0 = (t.detach().numpy()[0] for t in (P_vals, q, r, C_vals, c0))
     # (a sum is finite where every entry is: NaN and inf propagate, overflow goes the
     # batched way too)
-    if not np.isfinite(P_vals.sum() + q.sum() + r + C_vals.sum() + c0.sum()):
-        return None
+    with np.errstate(over="ignore", invalid="ignore"):
+        if not np.isfinite(P_vals.sum() + q.sum() + r + C_vals.sum() + c0.sum()):
+            return None
     P, C = st.dense_arrays(P_vals, C_vals)
     L = well_pivoted_cholesky(P)
     if L is None:
@@ -511,8 +510,8 @@ def _solve_batched(name, st, P, q, C, c0):
             (result.x, result.mu, result.active, result.status), fallback)]
         return tuple(merged)
     if name == "daqp":
-        result = solve_daqp(P, q, C, c0, torch.as_tensor(st.sense), st.lb, st.ub,
-                            n_jobs=st.n_jobs)
+        result = solve_daqp(P, q, C, c0, st.sense, st.lb, st.ub, n_jobs=st.n_jobs,
+                            form=st.daqp_form)
     else:
         result = solve_ipm(P, q, *with_bound_rows(C, c0, st.sense, st.lb, st.ub))
     return result.x, result.mu, result.active, result.status

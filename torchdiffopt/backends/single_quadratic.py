@@ -38,6 +38,7 @@ import torch
 from scipy.linalg import lapack
 
 from ..folding import is_transformed
+from ..linalg.threads import serial_numpy_blas
 from .batched_quadratic import (ALL_COTANGENTS, SCHUR_PIVOT_RTOL, ActiveSetDerivatives,
                                 data_cotangents)
 from .quadratic import ACTIVE_RTOL, WEAK_RTOL
@@ -103,22 +104,32 @@ class SingleQuadraticKKT(ActiveSetDerivatives):
         self._arrays = x[None], mu_all[None, :m], rows, K, K_inv
 
     def vjp(self, x_bar, mu_bar=None, f_bar=None, wanted=ALL_COTANGENTS):
-        if is_transformed(x_bar, mu_bar, f_bar):
+        """:meth:`ActiveSetDerivatives.vjp`; in numpy for plain seeds, unless a graph of
+        the backward is being recorded (``create_graph=True``: grad mode is on inside the
+        backward), which needs the torch operations."""
+        if torch.is_grad_enabled() or is_transformed(x_bar, mu_bar, f_bar):
             return super().vjp(x_bar, mu_bar, f_bar, wanted)
+        with serial_numpy_blas():
+            cotangents = self._numpy_vjp(x_bar, mu_bar, f_bar, wanted)
+        # r̄ = f̄ is the seed itself (a tensor made from its numpy view would share its
+        # memory with a fresh tensor, into which autograd may accumulate)
+        return tuple(f_bar if i == 2 else None if c is None else torch.from_numpy(c)
+                     for i, c in enumerate(cotangents))
+
+    def _numpy_vjp(self, x_bar, mu_bar, f_bar, wanted):
         x, mu, rows, K, K_inv = self._arrays
         n, m = self.n, self.m
         rhs = np.zeros(len(K))
         rhs[:n] = x_bar.detach().numpy()[0]
+        constraint_slots = rows < m
         if mu_bar is not None:
-            constraint_slots = rows < m
             rhs[n:][constraint_slots] = mu_bar.detach().numpy()[0, rows[constraint_slots]]
         z = K_inv @ rhs
         z += K_inv @ (rhs - K @ z)
         v = np.zeros((1, m))
-        v[0, rows[rows < m]] = -z[n:][rows < m]
+        v[0, rows[constraint_slots]] = -z[n:][constraint_slots]
         f_bar = None if f_bar is None else f_bar.detach().numpy()
-        return tuple(None if c is None else torch.from_numpy(c)
-                     for c in data_cotangents(x, mu, -z[None, :n], v, f_bar, wanted))
+        return data_cotangents(x, mu, -z[None, :n], v, f_bar, wanted)
 
 
 def single_kkt(P, L, q, r, C_all, c0_all, sense_all, m, x, mu_all, hint,

@@ -18,10 +18,11 @@ thread count (threadpoolctl cannot see the MKL linked into torch), hence this mo
 
 numpy and scipy bring their own BLAS (OpenBLAS), with its own threads, which meet torch's
 OpenMP threads on the same cores: right after a torch operation in two threads, whose
-workers go on spinning for a while, a triangular solve of order 50 in scipy took 8 ms with
-OpenBLAS's two threads against 0.02 ms alone. Code that runs small numpy linear algebra
-between torch operations does it under :func:`serial_numpy_blas` (threadpoolctl, which does
-see OpenBLAS).
+workers go on spinning for a while, triangular solves of order 10 to 200 in scipy took
+8 ms with OpenBLAS's two threads against 0.02–0.6 ms in one. Code that runs small numpy
+linear algebra between torch operations does it under :func:`serial_numpy_blas`
+(threadpoolctl, which does see OpenBLAS). OpenBLAS's thread count is process-wide: a
+concurrent caller may find it at one, or restored early, which costs time, never results.
 """
 
 from __future__ import annotations
