@@ -42,8 +42,8 @@ from .backends.conic import ConicDerivative
 from .backends.cones import ConeDims, kinks, project_rows
 from .errors import NonconvexError, warn_degenerate
 from .linalg.factorization import DENSE_MAX_ORDER
-from .folding import derivative_under_transforms, needs_plain_seeds, reject_nested_derivatives, \
-    seed_batch, vmap_by_folding
+from .folding import accepts_batched_grads, derivative_under_transforms, needs_plain_seeds, \
+    reject_nested_derivatives, seed_batch, vmap_by_folding
 from .qp_function import _positive_definite
 from .solvers import BATCHED_CONIC_SOLVERS, conic_solver, solve_scs_conic
 from .solvers.batch import record_outcomes, solve_each, status_of
@@ -249,6 +249,7 @@ class ConicSolve(torch.autograd.Function):
         ctx.set_materialize_grads(True)
 
     @staticmethod
+    @accepts_batched_grads
     def backward(ctx, x_bar, y_bar, s_bar):
         d = ctx.derivative
         members = d.x.shape[0]

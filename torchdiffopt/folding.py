@@ -28,6 +28,8 @@ go through :func:`solve_columns`, which folds each vmap into the columns.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -155,6 +157,54 @@ class _MemberDerivative(torch.autograd.Function):
             t if d is None else t.select(d, v) for t, d in zip(tensors, dims)))
             for v in range(info.batch_size)]
         return tuple(torch.stack(outs) for outs in zip(*slices)), (0,) * len(slices[0])
+
+
+def accepts_batched_grads(backward):
+    """``backward(ctx, *seeds)`` of a solution map, made to take the seeds of
+    ``torch.autograd.grad(…, is_grads_batched=True)`` (and so of
+    ``torch.autograd.functional.jacobian(…, vectorize=True)``).
+
+    Those run the backward pass under torch's legacy vmap, whose batched tensors have no
+    batching rule for views (``detach``, ``alias``) or numpy, which the derivatives use. The
+    seeds batched there are unwrapped to their physical tensors (the grads' batch dimension
+    first), the backward runs under ``torch.vmap`` over that dimension (the transform the
+    derivatives support: the module docstring; their solves take the grads as columns of
+    one solve), and the cotangents are wrapped back at the legacy level. Other seeds pass
+    straight through."""
+
+    @functools.wraps(backward)
+    def wrapped(ctx, *seeds):
+        legacy = [s is not None and torch._C._functorch.is_legacy_batchedtensor(s)
+                  for s in seeds]
+        if not any(legacy):
+            return backward(ctx, *seeds)
+        level = _legacy_vmap_level()
+        physical = [torch._remove_batch_dim(s, level, 1, 0) if batched else s
+                    for s, batched in zip(seeds, legacy)]
+        count = max(p.shape[0] for p, batched in zip(physical, legacy) if batched)
+        # a seed the legacy vmap does not batch comes back with a dimension of one
+        physical = [p.expand(count, *p.shape[1:]) if batched else p
+                    for p, batched in zip(physical, legacy)]
+        present = []
+
+        def tensors_only(*s):
+            outs = backward(ctx, *s)
+            present[:] = [o is not None for o in outs]
+            return tuple(o for o in outs if o is not None)
+        dims = tuple(0 if batched else None for batched in legacy)
+        cotangents = iter(torch.vmap(tensors_only, in_dims=dims)(*physical))
+        return tuple(torch._add_batch_dim(next(cotangents), 0, level) if here else None
+                     for here in present)
+
+    return wrapped
+
+
+def _legacy_vmap_level() -> int:
+    """The level of the innermost legacy vmap (``torch._vmap_internals``) running now:
+    its nesting counter, read by a step up and back."""
+    level = torch._C._vmapmode_increment_nesting()
+    torch._C._vmapmode_decrement_nesting()
+    return level - 1
 
 
 def solve_columns(solve, rhs: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from .pipelines import NonlinearPipeline
-from .folding import derivative_under_transforms, needs_plain_seeds, seed_batch, vmap_by_folding
+from .folding import accepts_batched_grads, derivative_under_transforms, needs_plain_seeds, \
+    seed_batch, vmap_by_folding
 from .solvers.batch import record_outcomes, solve_each
 
 _F64 = torch.float64
@@ -78,6 +79,7 @@ class NLPSolve(torch.autograd.Function):
     # the members' derivatives run in numpy: under torch.func transforms they take plain
     # seeds, folded or one slice at a time (folding.derivative_under_transforms)
     @staticmethod
+    @accepts_batched_grads
     def backward(ctx, x_bar, mu_bar, f_bar):
         seeds = (x_bar, mu_bar, f_bar)
         members = len(ctx.call.solved)

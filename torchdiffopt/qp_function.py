@@ -29,7 +29,8 @@ from .backends.batched_quadratic import ALL_COTANGENTS, BatchedQuadraticKKT, wit
 from .backends.quadratic import DataTangent, QuadraticKKT, bound_rows, check_convex
 from .backends.single_quadratic import single_kkt, well_pivoted_cholesky
 from .errors import NonconvexError, SolverError, warn_degenerate
-from .folding import derivative_under_transforms, needs_plain_seeds, seed_batch, vmap_by_folding
+from .folding import accepts_batched_grads, derivative_under_transforms, needs_plain_seeds, \
+    seed_batch, vmap_by_folding
 from .linalg.factorization import DENSE_MAX_ORDER
 from .linalg.threads import serial_if_small, serial_numpy_blas
 from .solvers import NumericQP, qp_solver, solve_highs, solve_scs
@@ -554,6 +555,7 @@ class QPSolve(torch.autograd.Function):
         ctx.inputs = inputs[1:]
 
     @staticmethod
+    @accepts_batched_grads
     def backward(ctx, x_bar, mu_bar, f_bar):
         kkt, st = ctx.kkt, ctx.structure
         B, members = seed_batch(x_bar, mu_bar, f_bar), len(kkt.valid)
