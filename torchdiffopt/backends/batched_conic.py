@@ -22,7 +22,8 @@ ways of holding ``M``:
   members get the pseudo-inverse: minimum-norm least-squares derivatives). Every operation is
   a torch op, so ``backward``, ``jvp`` and every ``torch.func`` transform work. The solvers'
   points are refined batched too (:func:`refine_dense`): Newton steps with one batched LU of
-  ``M`` at the solvers' points, then one at the refined points.
+  ``M`` at the solvers' points, whose factors then solve with ``M`` at the refined points by
+  iterative refinement (:class:`NearbySystems`).
 * :class:`SparseSystems` — larger programs: each member's
   :class:`~torchdiffopt.backends.conic.ConicDerivative` (sparse LU, LSMR where singular), one
   numpy solve per member; ``backward`` and forward-mode AD, no ``torch.func`` transforms.
@@ -35,6 +36,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..folding import is_transformed
 from ..linalg.factorization import DENSE_MAX_ORDER, DenseFactorization
 from .cones import project_rows, projection_derivative_rows
 from .conic import newton_refine
@@ -75,25 +77,32 @@ class ConicPattern:
         return out.index_add(-1, r * shape[1] + c, vals).unflatten(-1, shape)
 
 
-class DenseSystems:
-    """All members' ``M`` as one ``(B, N, N)`` tensor, LU-factorized once."""
+def residual_jacobians(pattern: ConicPattern, P_vals, A_vals, D, valid) -> torch.Tensor:
+    """All members' ``M = [[P, AᵀD], [-A, I - D]]`` as one ``(B, N, N)`` tensor, the
+    identity in place of failed (not ``valid``) members'."""
+    n, m = pattern.n, pattern.m
+    B = D.shape[0]
+    P = pattern.dense_matrix(P_vals, "P_rows", "P_cols", (n, n))
+    P = 0.5 * (P + P.transpose(-1, -2))
+    A = pattern.dense_matrix(A_vals, "A_rows", "A_cols", (m, n))
+    # written block by block into one allocation (fresh memory is what costs at W4's
+    # 64 matrices of order 157: two concatenations and a select took 16 ms)
+    M = D.new_empty(B, n + m, n + m)
+    M[:, :n, :n] = P
+    torch.matmul(A.transpose(-1, -2), D, out=M[:, :n, n:])
+    torch.neg(A, out=M[:, n:, :n])
+    torch.sub(torch.eye(m, dtype=D.dtype, device=D.device), D, out=M[:, n:, n:])
+    if not bool(valid.all()):
+        M[~valid] = torch.eye(n + m, dtype=M.dtype, device=M.device)
+    return M
 
-    def __init__(self, pattern: ConicPattern, P_vals, A_vals, D, valid):
-        n, m = pattern.n, pattern.m
-        B = D.shape[0]
-        P = pattern.dense_matrix(P_vals, "P_rows", "P_cols", (n, n))
-        P = 0.5 * (P + P.transpose(-1, -2))
-        A = pattern.dense_matrix(A_vals, "A_rows", "A_cols", (m, n))
-        # written block by block into one allocation (fresh memory is what costs at W4's
-        # 64 matrices of order 157: two concatenations and a select took 16 ms)
-        M = D.new_empty(B, n + m, n + m)
-        M[:, :n, :n] = P
-        torch.matmul(A.transpose(-1, -2), D, out=M[:, :n, n:])
-        torch.neg(A, out=M[:, n:, :n])
-        torch.sub(torch.eye(m, dtype=D.dtype, device=D.device), D, out=M[:, n:, n:])
-        if not bool(valid.all()):
-            M[~valid] = torch.eye(n + m, dtype=M.dtype, device=M.device)
-        self.D = D
+
+class DenseSystems:
+    """All members' ``M`` (:func:`residual_jacobians`) LU-factorized once, and their
+    ``D``."""
+
+    def __init__(self, M, D, valid):
+        self.M, self.D = M, D
         self._lu = DenseFactorization(M, symmetric=False)
         self.singular = self._lu.singular & valid
 
@@ -106,24 +115,115 @@ class DenseSystems:
         return v @ self.D.transpose(-1, -2)
 
 
+#: sweeps of iterative refinement on a nearby factorization (:class:`NearbySystems`)
+#: before it gives way to a factorization of its own, and the relative residual they reach
+NEARBY_MAX_SWEEPS = 3
+NEARBY_RTOL = 1e-12
+
+
+class NearbySystems:
+    """The systems ``M₁`` at the refined points, solved by iterative refinement on the LU
+    factors of ``M₀`` at the solvers' points (``base``): ``z ← z + M₀⁻¹(rhs − M₁ z)`` from
+    ``z = M₀⁻¹ rhs``, until every valid member's residual is below :data:`NEARBY_RTOL`
+    times the size of its terms.
+
+    The refinement moves a point by about the solver's tolerance, and ``M`` (through ``D``)
+    with it, so ``M₀⁻¹(M₁ − M₀)`` is small and each sweep gains its size: one or two
+    sweeps (a batched product with ``M₁`` and a solve each) replace a second factorization
+    (W4's 64 LU factorizations of order 157, 20–40 ms). Where :data:`NEARBY_MAX_SWEEPS`
+    do not reach the tolerance, ``M₁`` is factorized after all (:class:`DenseSystems`) and
+    serves from then on. Under ``torch.func`` transforms, whose solves cannot test their
+    data, the sweep count is taken from a random probe, solved once in both orientations."""
+
+    def __init__(self, M, D, base: DenseSystems, valid):
+        self.M, self.D, self.singular = M, D, base.singular
+        self._base, self._valid = base, valid
+        self._own: DenseSystems | None = None  # M₁'s factorization, once needed
+        self._probe_sweeps: int | None = None
+
+    def solve(self, rhs, transpose: bool = False):
+        """``M₁⁻¹ rhs`` (``M₁⁻ᵀ`` with ``transpose``) for ``rhs (B, K, N)``."""
+        if self._own is None and is_transformed(rhs):
+            sweeps = self._sweeps_of_probe()
+            if sweeps is not None:
+                return self._refined(rhs, transpose, sweeps)
+        if self._own is None:
+            z = self._refined(rhs, transpose, NEARBY_MAX_SWEEPS, tested=True)
+            if z is not None:
+                return z
+            self._own = DenseSystems(self.M, self.D, self._valid)
+        return self._own.solve(rhs, transpose)
+
+    def _refined(self, rhs, transpose, sweeps, tested=False):
+        """``sweeps`` sweeps from ``M₀⁻¹ rhs``; with ``tested``, as many as the residual
+        needs, up to ``sweeps``, and None if it is still above the tolerance after them."""
+        z = self._base.solve(rhs, transpose)
+        for sweep in range(sweeps + 1):
+            if sweep == sweeps and not tested:
+                return z
+            residual = rhs - _times(self.M, z, transpose)
+            if tested and self._converged(rhs, residual):
+                return z
+            if sweep == sweeps:
+                return None
+            z = z + self._base.solve(residual, transpose)
+        return z
+
+    def _converged(self, rhs, residual) -> bool:
+        error = residual.abs().amax((-2, -1))[self._valid]
+        size = rhs.abs().amax((-2, -1))[self._valid]
+        return bool((error <= NEARBY_RTOL * size).all())
+
+    def _sweeps_of_probe(self) -> int | None:
+        """The sweeps a random right-hand side needs in both orientations (None: more than
+        :data:`NEARBY_MAX_SWEEPS`, and ``M₁`` is factorized)."""
+        if self._probe_sweeps is None:
+            M = self.M
+            # (numpy's generator: torch's random operations are refused inside vmap)
+            probe = torch.as_tensor(np.random.default_rng(0).standard_normal(
+                (M.shape[0], 1, M.shape[-1])), dtype=M.dtype, device=M.device)
+            counts = []
+            for transpose in (False, True):
+                for sweeps in range(NEARBY_MAX_SWEEPS + 1):
+                    z = self._refined(probe, transpose, sweeps)
+                    if self._converged(probe, probe - _times(M, z, transpose)):
+                        counts.append(sweeps)
+                        break
+            if len(counts) < 2:
+                self._own = DenseSystems(self.M, self.D, self._valid)
+                return None
+            self._probe_sweeps = max(counts)
+        return self._probe_sweeps
+
+    def apply_D(self, v):
+        """``D v`` for ``v (B, K, m)``."""
+        return v @ self.D.transpose(-1, -2)
+
+
+def _times(M, z, transpose: bool):
+    """``M z`` (``Mᵀ z`` with ``transpose``) for the rows ``z (B, K, N)``."""
+    return z @ M if transpose else z @ M.transpose(-1, -2)
+
+
 def refine_dense(pattern: ConicPattern, dims, z: np.ndarray, P_vals, c, A_vals, b, valid,
                  refine: bool = True):
     """The valid members' points ``z = (u, v)`` (``(B, n + m)``) of the batch's programs
     (the entries ``P_vals``, ``A_vals`` and ``c``, ``b``, float64; cones ``dims``) refined
     by :func:`~torchdiffopt.backends.conic.newton_refine` with every ``M`` factorized once
-    at the solvers' points, and :class:`DenseSystems` at the returned points:
-    ``(z, systems)``. The residual map ``R(u, v) = [P u + Aᵀ Π_{K*}(v) + c ;
+    at the solvers' points, and the systems at the returned points, ``(z, systems)``:
+    :class:`NearbySystems` on those factors where they serve, else :class:`DenseSystems`
+    factorized again. The residual map ``R(u, v) = [P u + Aᵀ Π_{K*}(v) + c ;
     b − A u + v − Π_{K*}(v)]`` is evaluated for the whole batch at once."""
     n, m = pattern.n, pattern.m
     device = valid.device
     members = np.flatnonzero(valid.cpu().numpy())
 
-    def linearize(z):
-        D = projection_derivative_rows(z[:, n:], dims, dual=True)
-        return DenseSystems(pattern, P_vals, A_vals, torch.as_tensor(D, dtype=_F64,
-                                                                     device=device), valid)
+    def jacobians(z):
+        D = torch.as_tensor(projection_derivative_rows(z[:, n:], dims, dual=True),
+                            dtype=_F64, device=device)
+        return residual_jacobians(pattern, P_vals, A_vals, D, valid), D
 
-    systems = linearize(z)
+    systems = DenseSystems(*jacobians(z), valid)
     if not refine or not len(members):
         return z, systems
 
@@ -153,7 +253,10 @@ def refine_dense(pattern: ConicPattern, dims, z: np.ndarray, P_vals, c, A_vals, 
         return z, systems
     z = z.copy()
     z[members] = refined
-    return z, linearize(z)
+    M, D = jacobians(z)
+    if bool(systems.singular.any()):  # the pseudo-inverse of M₁ itself
+        return z, DenseSystems(M, D, valid)
+    return z, NearbySystems(M, D, systems, valid)
 
 
 class SparseSystems:

@@ -33,6 +33,8 @@ pseudo-inverses, the warnings and the retries for it.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from scipy.linalg import lapack
@@ -91,17 +93,28 @@ class SingleQuadraticKKT(ActiveSetDerivatives):
     quarter of the torch operations' time at these sizes."""
 
     def __init__(self, x, mu_all, m, rows, K, K_inv, f):
-        as_t = lambda a: torch.from_numpy(a).unsqueeze(0)  # noqa: E731
         self.n, self.m, self.M = len(x), m, len(mu_all)
-        self.x, self.mu_all = as_t(x), as_t(mu_all)
-        self.mu = self.mu_all[:, :m]
+        self.x = torch.from_numpy(x[None])
+        self.mu = torch.from_numpy(mu_all[None, :m])
         self.valid = torch.ones(1, dtype=torch.bool)
-        self._slot_rows = as_t(rows)
-        self._used = torch.ones(1, len(rows), dtype=torch.float64)
         self._all_used = True
-        self._factor = _InverseSolve(as_t(K), as_t(K_inv))
         self.f = f
         self._arrays = x[None], mu_all[None, :m], rows, K, K_inv
+
+    # the torch derivatives' state, made on their first use: a call whose backward runs
+    # in numpy (plain seeds) never needs it
+    @functools.cached_property
+    def _slot_rows(self) -> torch.Tensor:
+        return torch.from_numpy(self._arrays[2][None])
+
+    @functools.cached_property
+    def _used(self) -> torch.Tensor:
+        return torch.ones(1, len(self._arrays[2]), dtype=torch.float64)
+
+    @functools.cached_property
+    def _factor(self) -> _InverseSolve:
+        K, K_inv = self._arrays[3:]
+        return _InverseSolve(torch.from_numpy(K[None]), torch.from_numpy(K_inv[None]))
 
     def vjp(self, x_bar, mu_bar=None, f_bar=None, wanted=ALL_COTANGENTS):
         """:meth:`ActiveSetDerivatives.vjp`; in numpy for plain seeds, unless a graph of
