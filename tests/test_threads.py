@@ -2,6 +2,7 @@
 
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -93,3 +94,32 @@ def test_numpy_blas_runs_in_one_thread_inside_and_its_counts_come_back():
             with serial_numpy_blas():
                 raise RuntimeError("inside")
         assert blas_counts() == before
+
+
+def test_pipeline_operations_run_small_systems_with_one_blas_thread(monkeypatch):
+    """The sensitivity API's and the nonlinear layer's numpy work (a pipeline's solve,
+    forward and reverse) runs with numpy's BLAS in one thread for small systems, and with
+    its threads above order 256."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    import torchdiffopt as tdo
+    from torchdiffopt.backends import nonlinear
+
+    def blas_counts():
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+    seen = []
+    original = nonlinear.NonlinearKKT.__init__
+
+    def recording(self, *args, **kwargs):
+        seen.append(max(blas_counts()))
+        original(self, *args, **kwargs)
+    monkeypatch.setattr(nonlinear.NonlinearKKT, "__init__", recording)
+    with threadpool_limits(2, user_api="blas"):
+        for n in (3, 300):
+            m = tdo.nonlinear_diff_model()
+            x = m.variable(n, name="x")
+            r = m.parameter(np.ones(n), name="r")
+            m.minimize(tdo.sum(tdo.exp(x)) + tdo.sum_squares(x - r))
+            m.optimize()
+        assert max(blas_counts()) == 2
+    assert seen == [1, 2]

@@ -21,7 +21,8 @@ OpenMP threads on the same cores: right after a torch operation in two threads, 
 workers go on spinning for a while, triangular solves of order 10 to 200 in scipy took
 8 ms with OpenBLAS's two threads against 0.02–0.6 ms in one. Code that runs small numpy
 linear algebra between torch operations does it under :func:`serial_numpy_blas`
-(threadpoolctl, which does see OpenBLAS). OpenBLAS's thread count is process-wide: a
+(threadpoolctl, which does see OpenBLAS): the single-problem QP path, and the pipelines'
+solves and derivatives (the sensitivity API, the nonlinear layer). OpenBLAS's thread count is process-wide: a
 concurrent caller may find it at one, or restored early, which costs time, never results.
 """
 
@@ -71,11 +72,15 @@ def _numpy_blas() -> list:
 
 
 @contextlib.contextmanager
-def serial_numpy_blas():
+def serial_numpy_blas(order: int = 0):
     """Run the block with numpy's and scipy's BLAS and LAPACK in one thread, restoring their
-    thread counts after (see the module docstring). (Through threadpoolctl's library
-    controllers themselves: its ``limit`` context costs 25–50 µs a call, a tenth of a
-    10-variable QP's forward pass.)"""
+    thread counts after (see the module docstring), unless the block works on systems of an
+    ``order`` above ``√SERIAL_MAX_ENTRIES`` (256), which gain from the threads. (Through
+    threadpoolctl's library controllers themselves: its ``limit`` context costs 25–50 µs a
+    call, a tenth of a 10-variable QP's forward pass.)"""
+    if order * order > SERIAL_MAX_ENTRIES:
+        yield
+        return
     saved = [(lib, count) for lib in _numpy_blas() if (count := lib.get_num_threads()) > 1]
     for lib, _ in saved:
         lib.set_num_threads(1)
