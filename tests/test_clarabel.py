@@ -20,7 +20,7 @@ from test_conic import RANDOM, direction, finite_difference, random_program, sol
 from torchdiffopt.backends import cones as C
 from torchdiffopt.errors import InfeasibleError, NonconvexError, SolverError, UnboundedError
 from torchdiffopt.pipelines import ConicPipeline, pipeline_for
-from torchdiffopt.solvers.clarabel_conic import solve_clarabel_conic
+from torchdiffopt.solvers.clarabel_conic import ClarabelSequence, solve_clarabel_conic
 
 pytest.importorskip("clarabel")
 
@@ -129,6 +129,44 @@ def test_random_programs_agree_with_scs_and_finite_differences(cones, quadratic)
     fwd = np.concatenate(D.jvp(*d))
     np.testing.assert_allclose(fwd, fd, atol=1e-6 * max(1.0, np.abs(fd).max()), rtol=0)
     np.testing.assert_allclose(fwd, np.concatenate(scs.jvp(*d)), atol=1e-9, rtol=0)
+
+
+def test_a_sequence_updates_one_solver_and_agrees_with_fresh_solves():
+    """Programs of one pattern with new values of ``A``, ``b``, ``c`` and ``P``: the
+    sequence keeps its solver (data updates) and each answer is a fresh solve's; an
+    infeasible program in between raises and the next one is solved on a new solver; a
+    new pattern gets a new solver."""
+    rng = np.random.default_rng(3)
+    cones = {"z": 1, "l": 3, "q": [3]}
+    base = random_program(rng, cones, True)
+    seq = ClarabelSequence(cones)
+    solvers = []
+    for k in range(4):
+        A = base["A"] * (1 + 0.1 * rng.normal(size=base["A"].shape))
+        P = base["P"] * (1 + 0.1 * k)
+        args = (A, base["b"] + 0.1 * rng.uniform(size=base["b"].shape),
+                base["c"] + 0.1 * rng.normal(size=base["c"].shape), P)
+        got, want = seq.solve(*args), solve_clarabel_conic(*args[:3], cones, args[3])
+        for name in "xys":
+            np.testing.assert_allclose(getattr(got, name), getattr(want, name), atol=RAW_ATOL)
+        assert max(got.residuals.values()) < 1e-9  # on this program's data: it was solved
+        solvers.append(seq._solver)
+    assert all(sv is solvers[0] for sv in solvers)
+    # x ≥ 1 and x ≤ 0: no point; then 0 ≤ x ≤ 1, x* = 0
+    A = np.array([[-1.0], [1.0]])
+    interval = ClarabelSequence({"l": 2})
+    with pytest.raises(InfeasibleError):
+        interval.solve(A, np.array([-1.0, 0.0]), np.ones(1))
+    assert interval._solver is None
+    np.testing.assert_allclose(interval.solve(A, np.array([0.0, 1.0]), np.ones(1)).x, 0.0,
+                               atol=1e-8)
+    assert interval._solver is not None
+    with pytest.raises(ValueError, match="inconsistent sizes"):  # another shape
+        seq.solve(A, np.array([0.0, 1.0]), np.ones(1))
+    sparser = base["A"].copy()
+    sparser[1, 0] = 0.0
+    seq.solve(sparser, base["b"], base["c"], base["P"])  # another pattern: a new solver
+    assert seq._solver is not solvers[0]
 
 
 # ---------------------------------------------------------------- wiring

@@ -281,13 +281,19 @@ def test_kinks_are_reported():
 
 
 def test_rowwise_projection_and_derivative_match_one_row_at_a_time():
-    """:func:`~C.project_rows` and :func:`~C.projection_derivative_rows` (the batched refinement's)
-    against :func:`project` and :func:`projection_derivative` row by row, every cone kind
-    (power cones of both signs: their per-cone α repeats over the batch)."""
+    """:func:`~C.project_rows` and :func:`~C.projection_derivative_blocks` (the batched
+    refinement's) against :func:`project` and :func:`projection_derivative` row by row, every
+    cone kind (power cones of both signs: their per-cone α repeats over the batch)."""
     cones = {"z": 2, "l": 3, "q": [3, 4, 3], "s": [2, 3], "ep": 2, "ed": 1, "p": [0.3, -0.6]}
     V = np.random.default_rng(0).normal(size=(5, C.ConeDims.from_dict(cones).size))
     for dual in (False, True):
-        P, D = C.project_rows(V, cones, dual), C.projection_derivative_rows(V, cones, dual)
+        P = C.project_rows(V, cones, dual)
+        diag, blocks = C.projection_derivative_blocks(V, cones, dual)
         for j, v in enumerate(V):
             np.testing.assert_array_equal(P[j], C.project(v, cones, dual))
-            np.testing.assert_array_equal(D[j], C.projection_derivative(v, cones, dual).to_dense())
+            D = np.diag(diag[j])
+            for idx, mats in blocks:
+                for cone, mat in zip(idx, mats[j]):
+                    assert not D[np.ix_(cone, cone)].any()  # blocks and diagonal disjoint
+                    D[np.ix_(cone, cone)] = mat
+            np.testing.assert_array_equal(D, C.projection_derivative(v, cones, dual).to_dense())

@@ -183,6 +183,24 @@ def test_infeasible_member_with_nan_leaves_the_others_intact():
         tdo.Layer(m, parameters=[r, c], outputs=x)(R.detach(), C.detach())
 
 
+def test_inaccurate_solver_points_are_refused_for_the_batch_at_once():
+    """The points of a batch held densely are checked together: SCS stopped after 5
+    iterations gives a SolverError naming the first member and the residuals; a looser
+    ``accept`` lets such points through, to the refinement (from 20 iterations: within
+    1e-14 of the solution)."""
+    rng = np.random.default_rng(0)
+    A = torch.tensor(np.vstack((-np.eye(3), np.zeros((1, 3)), -np.eye(3))), dtype=T64)
+    b = torch.tensor([0, 0, 0, 1.0, 0, 0, 0], dtype=T64)
+    c = torch.tensor(-0.1 - np.abs(rng.normal(size=(2, 3))), dtype=T64)  # x* = -c / ‖c‖
+    cones = {"l": 3, "q": [4]}
+    with pytest.raises(tdo.SolverError, match=r"batch member 0: SCS's point is not accurate "
+                                               r"enough \(status .* after 5 iterations; "
+                                               r"relative residuals primal"):
+        tdo.functional.conic(A, b, c, cones, solver_options={"max_iters": 5})
+    x = tdo.functional.conic(A, b, c, cones, solver_options={"max_iters": 20, "accept": 1e6})
+    torch.testing.assert_close(x, -c / c.norm(dim=1, keepdim=True))  # refined from there
+
+
 def test_nonconvex_member_is_reported_per_member():
     """A norm's weight that turns negative in one member makes that member nonconvex."""
     m = tdo.conic_diff_model()

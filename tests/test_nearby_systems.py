@@ -7,72 +7,109 @@ import torch
 
 import torchdiffopt as tdo
 from torchdiffopt.backends import batched_conic
-from torchdiffopt.backends.batched_conic import DenseSystems, NearbySystems
+from torchdiffopt.backends.batched_conic import (BlockDiagonalD, ConicPattern, DenseSystems,
+                                                 NearbySystems, ResidualJacobians)
+from torchdiffopt.backends.cones import ConeDims, projection_derivative
 
 F64 = torch.float64
-B, N, m = 4, 9, 5
+B, n = 4, 6
+CONES = {"z": 1, "l": 2, "q": [3]}
+m = ConeDims.from_dict(CONES).size
+N = n + m
 
 
-def matrices(shift: float, seed: int = 0):
-    """A batch of well-conditioned ``M₀`` and ``M₁ = M₀ + shift · E``."""
+def jacobians(V, valid, seed: int = 0) -> ResidualJacobians:
+    """Residual-map Jacobians of ``B`` random programs (``P`` positive definite, ``A``
+    square) with ``D = DΠ_{K*}`` at the rows of ``V (B, m)``."""
     g = torch.Generator().manual_seed(seed)
-    M0 = torch.randn(B, N, N, generator=g, dtype=F64) + 4 * torch.eye(N, dtype=F64)
-    E = torch.randn(B, N, N, generator=g, dtype=F64)
-    return M0, M0 + shift * E
+    L = torch.randn(B, n, n, generator=g, dtype=F64)
+    P = L @ L.mT + torch.eye(n, dtype=F64)
+    A = torch.randn(B, m, n, generator=g, dtype=F64) + 3 * torch.eye(m, n, dtype=F64)
+    rows, cols = np.divmod(np.arange(n * n), n)
+    a_rows, a_cols = np.divmod(np.arange(m * n), n)
+    pattern = ConicPattern(n, m, a_rows, a_cols, rows, cols)
+    return ResidualJacobians(pattern, P.reshape(B, -1), A.reshape(B, -1),
+                             BlockDiagonalD.at(V, CONES, "cpu"), valid)
 
 
 def systems(shift: float, valid=None):
-    M0, M1 = matrices(shift)
+    """``NearbySystems`` for ``D`` at points ``V₀`` and ``V₁ = V₀ + shift · E``."""
+    rng = np.random.default_rng(0)
+    V0 = rng.normal(size=(B, m))
+    V1 = V0 + shift * rng.normal(size=(B, m))
     valid = torch.ones(B, dtype=torch.bool) if valid is None else valid
-    D = torch.eye(m, dtype=F64).expand(B, m, m)
-    return NearbySystems(M1, D, DenseSystems(M0, D, valid), valid), M1
+    base = DenseSystems(jacobians(V0, valid))
+    assert not base.singular.any()
+    J1 = jacobians(V1, valid)
+    return NearbySystems(J1, base), J1
 
 
-def exact(M1, rhs, transpose):
+def exact(J1, rhs, transpose):
     """``M₁⁻¹`` (``M₁⁻ᵀ``) on the rows of ``rhs (B, K, N)``, by a fresh solve."""
-    A = M1.mT if transpose else M1
-    return torch.linalg.solve(A, rhs.mT).mT
+    M1 = J1.dense()
+    return torch.linalg.solve(M1.mT if transpose else M1, rhs.mT).mT
+
+
+def test_block_diagonal_d_and_products_match_the_dense_matrices():
+    """``BlockDiagonalD`` against :func:`projection_derivative` member by member, and
+    ``ResidualJacobians.times`` against products with its dense ``M`` (the identity for a
+    failed member)."""
+    V = np.random.default_rng(1).normal(size=(B, m))
+    valid = torch.tensor([True, False, True, True])
+    J = jacobians(V, valid)
+    D = J.D.dense()
+    for j in range(B):
+        np.testing.assert_array_equal(D[j].numpy(),
+                                      projection_derivative(V[j], CONES, dual=True).to_dense())
+    X = torch.randn(B, 3, m, dtype=F64)
+    torch.testing.assert_close(J.D.right_of(X), X @ D, atol=1e-14, rtol=0)
+    torch.testing.assert_close(J.D.right_of(X, transpose=True), X @ D.mT, atol=1e-14, rtol=0)
+    M = J.dense()
+    torch.testing.assert_close(M[1], torch.eye(N, dtype=F64))
+    z = torch.randn(B, 2, N, dtype=F64)
+    torch.testing.assert_close(J.times(z), z @ M.mT, atol=1e-13, rtol=0)
+    torch.testing.assert_close(J.times(z, transpose=True), z @ M, atol=1e-13, rtol=0)
 
 
 @pytest.mark.parametrize("transpose", [False, True])
 def test_a_nearby_matrix_is_solved_on_the_old_factors(transpose):
-    ns, M1 = systems(1e-7)
+    ns, J1 = systems(1e-7)
     rhs = torch.randn(B, 3, N, generator=torch.Generator().manual_seed(1), dtype=F64)
-    torch.testing.assert_close(ns.solve(rhs, transpose), exact(M1, rhs, transpose),
+    torch.testing.assert_close(ns.solve(rhs, transpose), exact(J1, rhs, transpose),
                                atol=1e-13, rtol=1e-12)
     assert ns._own is None  # no factorization of M₁
 
 
 @pytest.mark.parametrize("transpose", [False, True])
 def test_a_distant_matrix_gets_its_own_factorization(transpose):
-    ns, M1 = systems(0.5)
+    ns, J1 = systems(2.0)
     rhs = torch.randn(B, 2, N, generator=torch.Generator().manual_seed(2), dtype=F64)
-    torch.testing.assert_close(ns.solve(rhs, transpose), exact(M1, rhs, transpose),
+    torch.testing.assert_close(ns.solve(rhs, transpose), exact(J1, rhs, transpose),
                                atol=1e-12, rtol=1e-11)
     assert ns._own is not None
 
 
-@pytest.mark.parametrize("shift", [1e-7, 0.5])
+@pytest.mark.parametrize("shift", [1e-7, 2.0])
 def test_under_vmap_the_sweeps_come_from_the_probe(shift):
-    ns, M1 = systems(shift)
+    ns, J1 = systems(shift)
     rhs = torch.randn(6, B, 2, N, generator=torch.Generator().manual_seed(3), dtype=F64)
     for transpose in (False, True):
         out = torch.func.vmap(lambda r, t=transpose: ns.solve(r, t))(rhs)
-        want = torch.stack([exact(M1, r, transpose) for r in rhs])
+        want = torch.stack([exact(J1, r, transpose) for r in rhs])
         torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-11)
     assert (ns._own is None) == (shift < 1e-3)
 
 
 def test_failed_members_do_not_decide():
-    """An invalid member (carrying the identity, far from anything) does not force a
-    factorization; the valid members' solves are exact."""
+    """An invalid member (its data far from anything) does not force a factorization; the
+    valid members' solves are exact."""
     valid = torch.tensor([True, True, False, True])
-    ns, M1 = systems(1e-7, valid)
-    ns.M = ns.M.clone()
-    ns.M[2] = 50 * torch.eye(N, dtype=F64)
+    ns, J1 = systems(1e-7, valid)
+    ns.jacobians.A = ns.jacobians.A.clone()
+    ns.jacobians.A[2] *= 50
     rhs = torch.randn(B, 1, N, generator=torch.Generator().manual_seed(4), dtype=F64)
     out = ns.solve(rhs)
-    torch.testing.assert_close(out[valid], exact(M1, rhs, False)[valid], atol=1e-13,
+    torch.testing.assert_close(out[valid], exact(J1, rhs, False)[valid], atol=1e-13,
                                rtol=1e-12)
     assert ns._own is None
 

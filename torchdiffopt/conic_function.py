@@ -30,10 +30,10 @@ The :class:`~torchdiffopt.Layer` (conic backend) and :func:`conic` are thin clie
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
 from .backends.batched_conic import (BatchedConicDerivative, ConicPattern, SparseSystems,
@@ -45,8 +45,10 @@ from .linalg.factorization import DENSE_MAX_ORDER
 from .folding import accepts_batched_grads, derivative_under_transforms, needs_plain_seeds, \
     reject_nested_derivatives, seed_batch, vmap_by_folding
 from .qp_function import _positive_definite
-from .solvers import BATCHED_CONIC_SOLVERS, conic_solver, solve_scs_conic
+from .solvers import (BATCHED_CONIC_SOLVERS, SEQUENCED_CONIC_SOLVERS, conic_solver,
+                      solve_scs_conic)
 from .solvers.batch import record_outcomes, solve_each, status_of
+from .solvers.cone_program import ACCEPT_RESIDUAL, ConicSolution, inaccuracy, residual_rows
 from .solvers.conic_ipm import solve_ipm_conic, supports
 from .solvers.ipm import OPTIMAL, status_error
 
@@ -105,29 +107,71 @@ class ConicCall:
 
 @dataclass
 class _Member:
-    """One solved member: its point and kinks (once refined), and on the sparse path its
-    factorized :class:`ConicDerivative`."""
+    """One solved member: its point and kinks (once refined), on the sparse path its
+    factorized :class:`ConicDerivative`, on the dense path the solver's answer."""
 
     x: np.ndarray
     y: np.ndarray
     s: np.ndarray
     kinks: list | None = None
     derivative: ConicDerivative | None = None
+    solution: ConicSolution | None = None  # the solver's answer, on the dense path
 
 
-def _solve_member(st: ConicStructure, P_vals, c, A_vals, b, solve=None) -> _Member:
-    """One member with the per-member adapter ``solve`` (default: the structure's)."""
+def _solve_member(st: ConicStructure, P_vals, c, A_vals, b, solve) -> _Member:
+    """One member with ``solve(A, b, c, P)`` (:func:`_member_solver`)."""
     pt = st.pattern
-    A = sp.csc_matrix((A_vals, (pt.A_rows, pt.A_cols)), shape=(pt.m, pt.n))
-    P = sp.csc_matrix((P_vals, (pt.P_rows, pt.P_cols)), shape=(pt.n, pt.n)) \
-        if len(pt.P_rows) else None
-    options = st.solver_options if solve is None else {}
-    sol = (solve or st.solve)(A, b, c, st.dims, P, **options)
+    A = pt.csc(A_vals, "A")
+    P = pt.csc(P_vals, "P") if len(pt.P_rows) else None
+    sol = solve(A, b, c, P)
     if pt.dense:
-        return _Member(sol.x, sol.y, sol.s)
+        return _Member(sol.x, sol.y, sol.s, solution=sol)
     d = ConicDerivative(A, b, c, st.dims, sol.x, sol.y, sol.s, P, refine=st.refine,
                         dense=False, warn=False)
     return _Member(d.x, d.y, d.s, d.kinks, derivative=d)
+
+
+def _member_solver(st: ConicStructure, local: threading.local):
+    """The structure's adapter with its options as ``solve(A, b, c, P)``, for the calling
+    thread: where the adapter has a sequenced form (:data:`SEQUENCED_CONIC_SOLVERS`; the
+    members share cones and patterns), one per thread, kept in ``local``. Points of programs
+    held densely come unchecked (:func:`_check_together` checks them at once)."""
+    options = dict(st.solver_options)
+    accept = None if st.pattern.dense else options.pop("accept", ACCEPT_RESIDUAL)
+    options.pop("accept", None)
+    sequenced = SEQUENCED_CONIC_SOLVERS.get(st.solve)
+    if sequenced is None:
+        return lambda A, b, c, P: st.solve(A, b, c, st.dims, P, accept=accept, **options)
+    if not hasattr(local, "sequence"):
+        local.sequence = sequenced(st.dims, **options)
+    return lambda A, b, c, P: local.sequence.solve(A, b, c, P, accept=accept)
+
+
+def _check_together(st: ConicStructure, todo: list, outcomes: list, P_vals, c, A_vals, b):
+    """The unchecked solver points among ``outcomes`` (of the members ``todo``; the data
+    are the batch's numpy arrays) checked at once by their relative residuals
+    (:func:`~torchdiffopt.solvers.cone_program.residual_rows`): a point above
+    :data:`~torchdiffopt.solvers.cone_program.ACCEPT_RESIDUAL` becomes its SolverError."""
+    solved = [k for k, out in enumerate(outcomes) if isinstance(out, _Member)]
+    if not solved:
+        return outcomes
+    pt, idx = st.pattern, [todo[k] for k in solved]
+    A = pt.dense_matrix(torch.from_numpy(A_vals[idx]), "A_rows", "A_cols", (pt.m, pt.n)).numpy()
+    x, y, s = (np.stack([getattr(outcomes[k], name) for k in solved]) for name in "xys")
+    Px = np.zeros_like(x)
+    if len(pt.P_rows):
+        P = pt.dense_matrix(torch.from_numpy(P_vals[idx]), "P_rows", "P_cols", (pt.n, pt.n))
+        Px = np.einsum("kij,kj->ki", 0.5 * (P + P.mT).numpy(), x)
+    rows = residual_rows(np.einsum("kij,kj->ki", A, x), np.einsum("kij,ki->kj", A, y), Px,
+                         b[idx], c[idx], x, y, s, st.dims)
+    out = list(outcomes)
+    for i, k in enumerate(solved):
+        sol = outcomes[k].solution
+        sol.residuals = {name: float(v[i]) for name, v in rows.items()}
+        error = inaccuracy(sol, st.solver_options.get("accept", ACCEPT_RESIDUAL))
+        if error is not None:
+            out[k] = error
+    return out
 
 
 def _solve_together(st: ConicStructure, solve_batch, todo: list, P_vals, c, A_vals, b):
@@ -178,12 +222,16 @@ def _solve_batch(call: ConicCall, P_vals, c, A_vals, b, margins):
         # members the interior point gave up on (no certificate) get SCS
         retry = [k for k, out in enumerate(outcomes) if status_of(out) == "solver_error"]
         again = solve_each([todo[k] for k in retry], lambda j: _solve_member(
-            st, *(a[j] for a in arrays[:4]), solve=solve_scs_conic), st.n_jobs)
+            st, *(a[j] for a in arrays[:4]),
+            lambda A, b, c, P: solve_scs_conic(A, b, c, st.dims, P)), st.n_jobs)
         for k, out in zip(retry, again):
             outcomes[k] = out
     else:
-        outcomes = solve_each(todo, lambda j: _solve_member(st, *(a[j] for a in arrays[:4])),
-                              st.n_jobs)
+        local = threading.local()
+        outcomes = solve_each(todo, lambda j: _solve_member(
+            st, *(a[j] for a in arrays[:4]), _member_solver(st, local)), st.n_jobs)
+        if pt.dense:
+            outcomes = _check_together(st, todo, outcomes, *arrays[:4])
     members: list[_Member | None] = record_outcomes(todo, outcomes, B, status, errors)
     valid = torch.tensor([mb is not None for mb in members], device=device)
     if pt.dense:

@@ -34,11 +34,12 @@ Members that failed (``valid`` False) carry zeros and get zero tangents and cota
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from ..folding import is_transformed
 from ..linalg.factorization import DENSE_MAX_ORDER, DenseFactorization
-from .cones import project_rows, projection_derivative_rows
+from .cones import project_rows, projection_derivative_blocks
 from .conic import newton_refine
 
 _F64 = torch.float64
@@ -54,6 +55,7 @@ class ConicPattern:
         self.P_rows, self.P_cols = np.asarray(P_rows, np.int64), np.asarray(P_cols, np.int64)
         self._index = {name: torch.as_tensor(getattr(self, name)) for name in
                        ("A_rows", "A_cols", "P_rows", "P_cols")}
+        self._csc_layouts: dict = {}
 
     @property
     def dense(self) -> bool:
@@ -70,6 +72,22 @@ class ConicPattern:
         prod = vals * x[..., c]
         return prod.new_zeros(*prod.shape[:-1], size).index_add(-1, r, prod)
 
+    def csc(self, vals: np.ndarray, which: str) -> sp.csc_matrix:
+        """One member's ``A`` (``which="A"``) or ``P`` from its stored entries ``vals``
+        (repeated pairs added, explicit zeros kept: every member has the same pattern), in
+        CSC form from a layout computed once (scipy's conversion from triplets sorts the
+        entries again for every member: 64 of W4's, 3.5 → 0.5 ms)."""
+        layout = self._csc_layouts.get(which)
+        if layout is None:
+            rows, cols = getattr(self, f"{which}_rows"), getattr(self, f"{which}_cols")
+            shape = (self.m, self.n) if which == "A" else (self.n, self.n)
+            keys, where = np.unique(cols * shape[0] + rows, return_inverse=True)
+            indptr = np.searchsorted(keys // shape[0], np.arange(shape[1] + 1))
+            layout = self._csc_layouts[which] = (where, keys % shape[0], indptr, shape)
+        where, indices, indptr, shape = layout
+        data = np.bincount(where, weights=vals, minlength=len(indices))
+        return sp.csc_matrix((data, indices, indptr), shape=shape)
+
     def dense_matrix(self, vals, rows: str, cols: str, shape) -> torch.Tensor:
         """``(B, nnz) → (B, *shape)``, repeated entries added."""
         r, c = self.idx(rows, vals.device), self.idx(cols, vals.device)
@@ -77,34 +95,94 @@ class ConicPattern:
         return out.index_add(-1, r * shape[1] + c, vals).unflatten(-1, shape)
 
 
-def residual_jacobians(pattern: ConicPattern, P_vals, A_vals, D, valid) -> torch.Tensor:
-    """All members' ``M = [[P, AᵀD], [-A, I - D]]`` as one ``(B, N, N)`` tensor, the
-    identity in place of failed (not ``valid``) members'."""
-    n, m = pattern.n, pattern.m
-    B = D.shape[0]
-    P = pattern.dense_matrix(P_vals, "P_rows", "P_cols", (n, n))
-    P = 0.5 * (P + P.transpose(-1, -2))
-    A = pattern.dense_matrix(A_vals, "A_rows", "A_cols", (m, n))
-    # written block by block into one allocation (fresh memory is what costs at W4's
-    # 64 matrices of order 157: two concatenations and a select took 16 ms)
-    M = D.new_empty(B, n + m, n + m)
-    M[:, :n, :n] = P
-    torch.matmul(A.transpose(-1, -2), D, out=M[:, :n, n:])
-    torch.neg(A, out=M[:, n:, :n])
-    torch.sub(torch.eye(m, dtype=D.dtype, device=D.device), D, out=M[:, n:, n:])
-    if not bool(valid.all()):
-        M[~valid] = torch.eye(n + m, dtype=M.dtype, device=M.device)
-    return M
+class BlockDiagonalD:
+    """Every member's ``D = DΠ_{K*}(v)``, block diagonal as
+    :func:`~torchdiffopt.backends.cones.projection_derivative_blocks` gives it: ``diag (B, m)``
+    on the zero and nonnegative rows and dense ``(B, k, d, d)`` blocks for each group of
+    ``k`` same-size cones at rows ``idx (k, d)``. Products with it cost ``O(m)`` plus the
+    blocks', where the dense ``(B, m, m)`` would cost ``O(m²)`` (W4: 50 nonnegative rows
+    beside one second-order cone of 56)."""
+
+    def __init__(self, diag: torch.Tensor, blocks: list):
+        self.diag, self.blocks = diag, blocks
+
+    @classmethod
+    def at(cls, V: np.ndarray, dims, device) -> "BlockDiagonalD":
+        """``DΠ_{K*}`` at the rows of ``V (B, m)``."""
+        diag, blocks = projection_derivative_blocks(V, dims, dual=True)
+        tensor = lambda a, dtype=_F64: torch.as_tensor(a, dtype=dtype, device=device)  # noqa: E731
+        return cls(tensor(diag), [(tensor(idx, torch.int64), tensor(mats))
+                                  for idx, mats in blocks])
+
+    def right_of(self, X: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """``X D`` (``X Dᵀ`` with ``transpose``: the rows ``D xᵢ``) for ``X (B, r, m)``."""
+        out = X * self.diag[:, None, :]
+        for idx, mats in self.blocks:
+            part = torch.einsum("brkd,bkde->brke", X[..., idx], mats.mT if transpose else mats)
+            out = out.index_copy(-1, idx.reshape(-1), part.flatten(-2))
+        return out
+
+    def dense(self) -> torch.Tensor:
+        """``(B, m, m)``."""
+        D = torch.diag_embed(self.diag)
+        for idx, mats in self.blocks:
+            D[:, idx[:, :, None], idx[:, None, :]] = mats
+        return D
+
+
+class ResidualJacobians:
+    """Every member's residual-map Jacobian ``M = [[P, AᵀD], [-A, I - D]]`` by its parts:
+    ``P (B, n, n)`` (symmetrized), ``A (B, m, n)``, ``D`` (:class:`BlockDiagonalD`), and
+    ``valid``; a failed (not ``valid``) member's ``M`` is the identity. Products with ``M``
+    and ``Mᵀ`` are taken from the parts; the dense ``(B, n + m, n + m)`` is formed only to
+    be factorized."""
+
+    def __init__(self, pattern: ConicPattern, P_vals, A_vals, D: BlockDiagonalD, valid):
+        n, m = pattern.n, pattern.m
+        P = pattern.dense_matrix(P_vals, "P_rows", "P_cols", (n, n))
+        self.P = 0.5 * (P + P.transpose(-1, -2))
+        self.A = pattern.dense_matrix(A_vals, "A_rows", "A_cols", (m, n))
+        self.D, self.valid, self.n = D, valid, n
+
+    def dense(self) -> torch.Tensor:
+        """``M (B, n + m, n + m)``."""
+        n, A = self.n, self.A
+        B, m = A.shape[:2]
+        # written block by block into one allocation (fresh memory is what costs at W4's
+        # 64 matrices of order 157: two concatenations and a select took 16 ms)
+        M = A.new_empty(B, n + m, n + m)
+        M[:, :n, :n] = self.P
+        M[:, :n, n:] = self.D.right_of(A.mT)
+        torch.neg(A, out=M[:, n:, :n])
+        M[:, n:, n:] = -self.D.dense()
+        M[:, n:, n:].diagonal(dim1=-2, dim2=-1).add_(1.0)
+        if not bool(self.valid.all()):
+            M[~self.valid] = torch.eye(n + m, dtype=M.dtype, device=M.device)
+        return M
+
+    def times(self, z: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """``M zᵢ`` (``Mᵀ zᵢ`` with ``transpose``) for the rows ``z (B, K, n + m)``:
+        ``M z = [P z_u + AᵀD z_v ; z_v - A z_u - D z_v]``,
+        ``Mᵀ z = [P z_u - Aᵀ z_v ; z_v + Dᵀ(A z_u - z_v)]``."""
+        n, P, A, D = self.n, self.P, self.A, self.D
+        zu, zv = z[..., :n], z[..., n:]
+        if transpose:
+            top = zu @ P - zv @ A
+            bottom = zv + D.right_of(zu @ A.mT - zv)
+        else:
+            Dzv = D.right_of(zv, transpose=True)
+            top = zu @ P + Dzv @ A
+            bottom = zv - zu @ A.mT - Dzv
+        return torch.where(self.valid[:, None, None], torch.cat((top, bottom), -1), z)
 
 
 class DenseSystems:
-    """All members' ``M`` (:func:`residual_jacobians`) LU-factorized once, and their
-    ``D``."""
+    """All members' ``M`` (:class:`ResidualJacobians`) LU-factorized once."""
 
-    def __init__(self, M, D, valid):
-        self.M, self.D = M, D
-        self._lu = DenseFactorization(M, symmetric=False)
-        self.singular = self._lu.singular & valid
+    def __init__(self, jacobians: ResidualJacobians):
+        self.jacobians, self.D = jacobians, jacobians.D
+        self._lu = DenseFactorization(jacobians.dense(), symmetric=False)
+        self.singular = self._lu.singular & jacobians.valid
 
     def solve(self, rhs, transpose: bool = False):
         """``M⁻¹ rhs`` (``M⁻ᵀ`` with ``transpose``) for ``rhs (B, K, N)``."""
@@ -112,7 +190,7 @@ class DenseSystems:
 
     def apply_D(self, v):
         """``D v`` for ``v (B, K, m)``."""
-        return v @ self.D.transpose(-1, -2)
+        return self.D.right_of(v, transpose=True)
 
 
 #: sweeps of iterative refinement on a nearby factorization (:class:`NearbySystems`)
@@ -122,22 +200,23 @@ NEARBY_RTOL = 1e-12
 
 
 class NearbySystems:
-    """The systems ``M₁`` at the refined points, solved by iterative refinement on the LU
-    factors of ``M₀`` at the solvers' points (``base``): ``z ← z + M₀⁻¹(rhs − M₁ z)`` from
-    ``z = M₀⁻¹ rhs``, until every valid member's residual is below :data:`NEARBY_RTOL`
-    times the size of its terms.
+    """The systems ``M₁`` at the refined points (:class:`ResidualJacobians`), solved by
+    iterative refinement on the LU factors of ``M₀`` at the solvers' points (``base``):
+    ``z ← z + M₀⁻¹(rhs − M₁ z)`` from ``z = M₀⁻¹ rhs``, until every valid member's residual
+    is below :data:`NEARBY_RTOL` times the size of its terms.
 
     The refinement moves a point by about the solver's tolerance, and ``M`` (through ``D``)
     with it, so ``M₀⁻¹(M₁ − M₀)`` is small and each sweep gains its size: one or two
-    sweeps (a batched product with ``M₁`` and a solve each) replace a second factorization
-    (W4's 64 LU factorizations of order 157, 20–40 ms). Where :data:`NEARBY_MAX_SWEEPS`
-    do not reach the tolerance, ``M₁`` is factorized after all (:class:`DenseSystems`) and
-    serves from then on. Under ``torch.func`` transforms, whose solves cannot test their
-    data, the sweep count is taken from a random probe, solved once in both orientations."""
+    sweeps (a product with ``M₁`` from its parts and a solve each) replace a second
+    factorization (W4's 64 LU factorizations of order 157, 20–40 ms). Where
+    :data:`NEARBY_MAX_SWEEPS` do not reach the tolerance, ``M₁`` is factorized after all
+    (:class:`DenseSystems`) and serves from then on. Under ``torch.func`` transforms, whose
+    solves cannot test their data, the sweep count is taken from a random probe, solved once
+    in both orientations."""
 
-    def __init__(self, M, D, base: DenseSystems, valid):
-        self.M, self.D, self.singular = M, D, base.singular
-        self._base, self._valid = base, valid
+    def __init__(self, jacobians: ResidualJacobians, base: DenseSystems):
+        self.jacobians, self.D, self.singular = jacobians, jacobians.D, base.singular
+        self._base = base
         self._own: DenseSystems | None = None  # M₁'s factorization, once needed
         self._probe_sweeps: int | None = None
 
@@ -151,7 +230,7 @@ class NearbySystems:
             z = self._refined(rhs, transpose, NEARBY_MAX_SWEEPS, tested=True)
             if z is not None:
                 return z
-            self._own = DenseSystems(self.M, self.D, self._valid)
+            self._own = DenseSystems(self.jacobians)
         return self._own.solve(rhs, transpose)
 
     def _refined(self, rhs, transpose, sweeps, tested=False):
@@ -161,7 +240,7 @@ class NearbySystems:
         for sweep in range(sweeps + 1):
             if sweep == sweeps and not tested:
                 return z
-            residual = rhs - _times(self.M, z, transpose)
+            residual = rhs - self.jacobians.times(z, transpose)
             if tested and self._converged(rhs, residual):
                 return z
             if sweep == sweeps:
@@ -170,39 +249,35 @@ class NearbySystems:
         return z
 
     def _converged(self, rhs, residual) -> bool:
-        error = residual.abs().amax((-2, -1))[self._valid]
-        size = rhs.abs().amax((-2, -1))[self._valid]
+        valid = self.jacobians.valid
+        error = residual.abs().amax((-2, -1))[valid]
+        size = rhs.abs().amax((-2, -1))[valid]
         return bool((error <= NEARBY_RTOL * size).all())
 
     def _sweeps_of_probe(self) -> int | None:
         """The sweeps a random right-hand side needs in both orientations (None: more than
         :data:`NEARBY_MAX_SWEEPS`, and ``M₁`` is factorized)."""
         if self._probe_sweeps is None:
-            M = self.M
+            A = self.jacobians.A
             # (numpy's generator: torch's random operations are refused inside vmap)
             probe = torch.as_tensor(np.random.default_rng(0).standard_normal(
-                (M.shape[0], 1, M.shape[-1])), dtype=M.dtype, device=M.device)
+                (A.shape[0], 1, sum(A.shape[1:]))), dtype=A.dtype, device=A.device)
             counts = []
             for transpose in (False, True):
                 for sweeps in range(NEARBY_MAX_SWEEPS + 1):
                     z = self._refined(probe, transpose, sweeps)
-                    if self._converged(probe, probe - _times(M, z, transpose)):
+                    if self._converged(probe, probe - self.jacobians.times(z, transpose)):
                         counts.append(sweeps)
                         break
             if len(counts) < 2:
-                self._own = DenseSystems(self.M, self.D, self._valid)
+                self._own = DenseSystems(self.jacobians)
                 return None
             self._probe_sweeps = max(counts)
         return self._probe_sweeps
 
     def apply_D(self, v):
         """``D v`` for ``v (B, K, m)``."""
-        return v @ self.D.transpose(-1, -2)
-
-
-def _times(M, z, transpose: bool):
-    """``M z`` (``Mᵀ z`` with ``transpose``) for the rows ``z (B, K, N)``."""
-    return z @ M if transpose else z @ M.transpose(-1, -2)
+        return self.D.right_of(v, transpose=True)
 
 
 def refine_dense(pattern: ConicPattern, dims, z: np.ndarray, P_vals, c, A_vals, b, valid,
@@ -219,11 +294,10 @@ def refine_dense(pattern: ConicPattern, dims, z: np.ndarray, P_vals, c, A_vals, 
     members = np.flatnonzero(valid.cpu().numpy())
 
     def jacobians(z):
-        D = torch.as_tensor(projection_derivative_rows(z[:, n:], dims, dual=True),
-                            dtype=_F64, device=device)
-        return residual_jacobians(pattern, P_vals, A_vals, D, valid), D
+        return ResidualJacobians(pattern, P_vals, A_vals,
+                                 BlockDiagonalD.at(z[:, n:], dims, device), valid)
 
-    systems = DenseSystems(*jacobians(z), valid)
+    systems = DenseSystems(jacobians(z))
     if not refine or not len(members):
         return z, systems
 
@@ -253,10 +327,10 @@ def refine_dense(pattern: ConicPattern, dims, z: np.ndarray, P_vals, c, A_vals, 
         return z, systems
     z = z.copy()
     z[members] = refined
-    M, D = jacobians(z)
+    refined_jacobians = jacobians(z)
     if bool(systems.singular.any()):  # the pseudo-inverse of M₁ itself
-        return z, DenseSystems(M, D, valid)
-    return z, NearbySystems(M, D, systems, valid)
+        return z, DenseSystems(refined_jacobians)
+    return z, NearbySystems(refined_jacobians, systems)
 
 
 class SparseSystems:

@@ -758,23 +758,26 @@ def project_rows(V, cones, dual: bool = False) -> np.ndarray:
     return out
 
 
-def projection_derivative_rows(V, cones, dual: bool = False) -> np.ndarray:
-    """``DΠ_K`` (``DΠ_{K*}`` with ``dual=True``) at every row of ``V (B, size)``, as dense
-    matrices ``(B, size, size)``; each cone group is differentiated for the whole batch at
+def projection_derivative_blocks(V, cones, dual: bool = False):
+    """``DΠ_K`` (``DΠ_{K*}`` with ``dual=True``) at every row of ``V (B, size)``, block
+    diagonal: ``(diag, blocks)`` with ``diag (B, size)`` the derivative on the zero, free and
+    nonnegative rows (zero where a block sits) and ``blocks`` a list of ``(idx (k, d),
+    mats (B, k, d, d))``, one entry per group of same-kind, same-size cones (``idx[j]`` the
+    rows of its ``j``-th cone). Each cone group is differentiated for the whole batch at
     once."""
     dims = ConeDims.from_dict(cones)
     V = np.asarray(V, dtype=np.float64)
-    B, size = V.shape
-    D = np.zeros((B, size, size))
+    B = V.shape[0]
+    diag, blocks = np.zeros_like(V), []
     for g in _groups(dims, dual):
         W = V[:, g.idx]
-        blocks = _derivative_group(_over_batch(g, B), W.reshape(-1, *W.shape[2:]))
+        D = _derivative_group(_over_batch(g, B), W.reshape(-1, *W.shape[2:]))
         if g.idx.ndim == 1:
-            D[:, g.idx, g.idx] = blocks.reshape(W.shape)
+            diag[:, g.idx] = D.reshape(W.shape)
         else:
             d = g.idx.shape[1]
-            D[:, g.idx[:, :, None], g.idx[:, None, :]] = blocks.reshape(B, -1, d, d)
-    return D
+            blocks.append((g.idx, D.reshape(B, -1, d, d)))
+    return diag, blocks
 
 
 class ProjectionDerivative:

@@ -3,7 +3,7 @@
 :class:`~.cone_program.ConicSolution`, or raises a named
 :class:`~torchdiffopt.errors.SolverError`."""
 
-from .clarabel_conic import require_clarabel, solve_clarabel_conic
+from .clarabel_conic import ClarabelSequence, require_clarabel, solve_clarabel_conic
 from .cone_program import ConicSolution
 from .conic_ipm import solve_conic_ipm, solve_ipm_conic
 from .daqp import solve_daqp_qp
@@ -18,6 +18,9 @@ CONIC_SOLVERS = {"scs": solve_scs_conic, "clarabel": solve_clarabel_conic,
 #: the batched form of a conic adapter, where it has one: the conic layer solves a whole
 #: batch with it in one call
 BATCHED_CONIC_SOLVERS = {solve_ipm_conic: solve_conic_ipm}
+#: the sequenced form of a per-member conic adapter, where it has one: the conic layer solves
+#: the members each thread takes on one solver, updating its data
+SEQUENCED_CONIC_SOLVERS = {solve_clarabel_conic: ClarabelSequence}
 
 #: HiGHS's QP solver is an active-set method whose null space is dense (it stops past
 #: 4,000 free directions and slows down well before); larger QPs go to SCS.
@@ -52,6 +55,6 @@ def conic_solver(name: str | None):
     return CONIC_SOLVERS[key]
 
 
-__all__ = ["BATCHED_CONIC_SOLVERS", "ConicSolution", "NumericQP", "Solution", "conic_solver",
+__all__ = ["BATCHED_CONIC_SOLVERS", "SEQUENCED_CONIC_SOLVERS", "ConicSolution", "NumericQP", "Solution", "conic_solver",
            "qp_solver", "solve_clarabel_conic", "solve_conic_ipm", "solve_daqp_qp", "solve_highs",
            "solve_ipm_conic", "solve_scs", "solve_scs_conic"]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
-from ..backends.cones import ConeDims, project
+from ..backends.cones import ConeDims, project_rows
 from ..errors import SolverError
 
 #: largest relative residual (any of :func:`conic_residuals`) accepted from a solver
@@ -30,8 +30,9 @@ ACCEPT_RESIDUAL = 1e-6
 class ConicSolution:
     """A solver's answer in SCS's conventions: ``x``, ``y`` (dual, in ``K*``), ``s`` (slack,
     in ``K``), the solver's ``status`` (e.g. ``"solved"``, ``"solved inaccurate"``),
-    ``iterations`` and the relative ``residuals`` measured on the returned point
-    (:func:`conic_residuals`)."""
+    ``iterations``, the relative ``residuals`` measured on the returned point
+    (:func:`conic_residuals`; empty where the caller checks them) and the ``solver``'s name.
+    """
 
     x: np.ndarray
     y: np.ndarray
@@ -39,6 +40,7 @@ class ConicSolution:
     status: str
     iterations: int
     residuals: dict = field(default_factory=dict)
+    solver: str = ""
 
 
 @dataclass
@@ -91,31 +93,53 @@ def conic_residuals(A, b, c, cones, x, y, s, P=None) -> dict:
     ``primal`` ``‖Ax + s - b‖∞``, ``dual`` ``‖Px + Aᵀy + c‖∞``, ``gap``
     ``|xᵀPx + cᵀx + bᵀy|``, ``slack_cone`` ``‖s - Π_K(s)‖∞`` and ``dual_cone``
     ``‖y - Π_{K*}(y)‖∞``."""
-    dims = ConeDims.from_dict(cones)
     Px = np.zeros_like(x) if P is None else P @ x
-    Ax, Aty = A @ x, A.T @ y
-    inf = lambda *a: max(np.abs(t).max(initial=0.0) for t in a)  # noqa: E731
-    xPx, cx, by = float(x @ Px), float(c @ x), float(b @ y)
+    rows = residual_rows(*(np.asarray(v)[None] for v in (A @ x, A.T @ y, Px, b, c, x, y, s)),
+                         cones)
+    return {k: float(v[0]) for k, v in rows.items()}
+
+
+def residual_rows(Ax, Aty, Px, b, c, x, y, s, cones) -> dict:
+    """:func:`conic_residuals` of ``k`` programs at once, from the products ``Ax``, ``Aᵀy``,
+    ``Px`` and the data and points, all ``(k, ·)`` rows: each residual a ``(k,)`` array."""
+    dims = ConeDims.from_dict(cones)
+    inf = lambda *a: np.max([np.abs(t).max(axis=1, initial=0.0) for t in a], axis=0)  # noqa: E731
+    xPx, cx, by = ((u * v).sum(axis=1) for u, v in ((x, Px), (c, x), (b, y)))
     return {
         "primal": inf(Ax + s - b) / (1 + inf(Ax, s, b)),
         "dual": inf(Px + Aty + c) / (1 + inf(Px, Aty, c)),
-        "gap": abs(xPx + cx + by) / (1 + max(abs(xPx), abs(cx), abs(by))),
-        "slack_cone": inf(s - project(s, dims)) / (1 + inf(s)),
-        "dual_cone": inf(y - project(y, dims, dual=True)) / (1 + inf(y)),
+        "gap": np.abs(xPx + cx + by) / (1 + np.max(np.abs([xPx, cx, by]), axis=0)),
+        "slack_cone": inf(s - project_rows(s, dims)) / (1 + inf(s)),
+        "dual_cone": inf(y - project_rows(y, dims, dual=True)) / (1 + inf(y)),
     }
 
 
 def certify(program: ConeProgram, x, y, s, solver: str, status: str, iterations: int,
-            accept: float = ACCEPT_RESIDUAL) -> ConicSolution:
+            accept: float | None = ACCEPT_RESIDUAL) -> ConicSolution:
     """The :class:`ConicSolution` of a solver's point (SCS's conventions), or a
     :class:`~torchdiffopt.errors.SolverError` naming ``solver`` when a relative residual
-    exceeds ``accept``."""
+    exceeds ``accept``. With ``accept=None`` the point is returned unchecked (no
+    ``residuals``): the caller checks a batch of them at once (:func:`inaccuracy`)."""
     x, y, s = (np.asarray(t, dtype=np.float64) for t in (x, y, s))
-    res = conic_residuals(program.A, program.b, program.c, program.dims, x, y, s, program.P)
+    sol = ConicSolution(x, y, s, status, iterations, solver=solver)
+    if accept is None:
+        return sol
+    sol.residuals = conic_residuals(program.A, program.b, program.c, program.dims, x, y, s,
+                                    program.P)
+    error = inaccuracy(sol, accept)
+    if error is not None:
+        raise error
+    return sol
+
+
+def inaccuracy(sol: ConicSolution, accept: float = ACCEPT_RESIDUAL) -> SolverError | None:
+    """The :class:`~torchdiffopt.errors.SolverError` for a point whose ``residuals`` exceed
+    ``accept``, or None."""
+    res = sol.residuals
     worst = max(res, key=res.get)
-    if not res[worst] <= accept:
-        detail = ", ".join(f"{k} {v:.1e}" for k, v in res.items())
-        raise SolverError(f"{solver}'s point is not accurate enough (status {status!r} after "
-                          f"{iterations} iterations; relative residuals {detail}, worst "
-                          f"{worst}); raise the iteration limit, or rescale the problem")
-    return ConicSolution(x, y, s, status, iterations, res)
+    if res[worst] <= accept:
+        return None
+    detail = ", ".join(f"{k} {v:.1e}" for k, v in res.items())
+    return SolverError(f"{sol.solver}'s point is not accurate enough (status {sol.status!r} "
+                       f"after {sol.iterations} iterations; relative residuals {detail}, "
+                       f"worst {worst}); raise the iteration limit, or rescale the problem")
