@@ -74,6 +74,28 @@ def test_qp_is_grads_batched_with_duals():
         torch.testing.assert_close(gh[k], eh, atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parametrize("B", [1, 3])
+def test_batched_grads_with_create_graph_differentiate_in_the_seeds(B):
+    """``create_graph=True`` with batched seeds: the cotangents are the row-by-row ones, and
+    differentiating them in the seeds gives ``J u`` (the vector-Jacobian product is linear
+    in its seed), which is also the forward-mode tangent."""
+    Q, p, G, h = random_qp(B, 4, 6, seed=3)
+    p = p.requires_grad_()
+    x = tdo.functional.qp(Q, p, G=G, h=h)
+    gen = torch.Generator().manual_seed(1)
+    seeds = torch.randn(2, *x.shape, generator=gen, dtype=F64, requires_grad=True)
+    u = torch.randn(*p.shape, generator=gen, dtype=F64)
+    (cotangents,) = torch.autograd.grad(x, p, seeds, create_graph=True, retain_graph=True,
+                                        is_grads_batched=True)
+    for k in range(2):
+        (row,) = torch.autograd.grad(x, p, seeds[k], retain_graph=True)
+        torch.testing.assert_close(cotangents[k], row, atol=1e-12, rtol=1e-10)
+    (Ju,) = torch.autograd.grad(cotangents, seeds, u.expand(2, *u.shape))
+    _, tangent = torch.func.jvp(lambda p_: tdo.functional.qp(Q, p_, G=G, h=h),
+                                (p.detach(),), (u,))
+    torch.testing.assert_close(Ju, tangent.expand(2, *tangent.shape), atol=1e-12, rtol=1e-10)
+
+
 def test_conic_layer_jacobian_vectorized():
     """min ½‖x‖² + cᵀx  s.t.  ‖x‖₂ ≤ 1, the ball binding: x* = −c/‖c‖,
     ∂x*/∂c = −(I − x* x*ᵀ)/‖c‖ in closed form."""

@@ -1,6 +1,8 @@
 """NearbySystems: solves with the residual-map Jacobians at the refined points, on the
 factors of those at the solvers' points (batched_conic.refine_dense)."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -153,3 +155,24 @@ def test_the_layer_factorizes_once_and_matches_finite_differences(monkeypatch):
         minus = (layer(value - step * direction) * weights).sum()
     central = float(plus - minus) / (2 * step)
     assert abs(float((value.grad * direction).sum()) - central) <= 1e-6 * max(1, abs(central))
+
+
+def test_a_singular_matrix_at_the_refined_point_is_reported():
+    """M₀ at SCS's point is regular, M₁ at the refined point (two active constraints meeting
+    at a kink) is singular: the probe sends it to its own factorization, whose singular
+    member gets the warning (it used to be judged by M₀ alone)."""
+    m = tdo.conic_diff_model(solver="scs")
+    x = m.variable(2)
+    p = m.parameter(np.zeros(2))
+    m.constraint(x[1] >= 0)
+    m.constraint(x[0] + x[1] >= 0)
+    m.constraint(x[0] >= 0)
+    m.minimize(0.5 * tdo.sum_squares(x) - p @ x)
+    layer = tdo.Layer(m, parameters=[p], outputs=x)
+    value = torch.tensor([[-(0.5 + 1.5 * 25 / 63), 0.0]], dtype=F64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layer(value)
+    messages = [str(w.message) for w in caught]
+    assert any(msg.startswith("batch members [0]: the cone program's derivative matrix M is "
+                              "singular") for msg in messages), messages

@@ -123,3 +123,22 @@ def test_pipeline_operations_run_small_systems_with_one_blas_thread(monkeypatch)
             m.optimize()
         assert max(blas_counts()) == 2
     assert seen == [1, 2]
+
+
+def test_the_conic_pipeline_counts_the_cone_program_order():
+    """The residual map's order counts the cone rows and epigraph variables, not the
+    model's: ten variables and one norm of 600 rows is a system of order 612, which keeps
+    numpy's threads."""
+    from torchdiffopt.pipelines import pipeline_for
+
+    m = tdo.conic_diff_model()
+    x = m.variable(10)
+    t = m.parameter(1.0)
+    A = np.random.default_rng(0).normal(size=(600, 10))
+    m.minimize(tdo.norm2(A @ x - np.ones(600)) + t * x.sum())
+    assert pipeline_for(m).order == 10 + 1 + 601
+    q = tdo.quadratic_diff_model()
+    y = q.variable(3, lb=0.0)
+    q.constraint(y.sum() <= 2)
+    q.minimize(tdo.sum_squares(y - 1))
+    assert pipeline_for(q).order == 3 + 1 + 3  # variables, the row, the three lower bounds

@@ -42,8 +42,9 @@ from .backends.conic import ConicDerivative
 from .backends.cones import ConeDims, kinks, project_rows
 from .errors import NonconvexError, warn_degenerate
 from .linalg.factorization import DENSE_MAX_ORDER
-from .folding import accepts_batched_grads, derivative_under_transforms, needs_plain_seeds, \
-    reject_nested_derivatives, seed_batch, vmap_by_folding
+from .folding import (accepts_batched_grads, derivative_under_transforms,
+                      guards_second_derivatives, needs_plain_seeds, reject_nested_derivatives,
+                      seed_batch, vmap_by_folding)
 from .qp_function import _positive_definite
 from .solvers import (BATCHED_CONIC_SOLVERS, SEQUENCED_CONIC_SOLVERS, conic_solver,
                       solve_scs_conic)
@@ -294,10 +295,17 @@ class ConicSolve(torch.autograd.Function):
         ctx.derivative = inputs[0].derivative
         ctx.folded = getattr(inputs[0], "folded_levels", frozenset())
         ctx.inputs = inputs[1:]
+        # the Jacobian moves with P and A, and with c and b through D = DΠ(v*) unless every
+        # cone is polyhedral (D piecewise constant); margins enter no derivative
+        dims = inputs[0].structure.dims
+        curved = dims.q or dims.s or dims.ep or dims.ed or dims.p
+        P_vals, c, A_vals, b, _margins = inputs[1:]
+        ctx.moving_inputs = (P_vals, c, A_vals, b) if curved else (P_vals, A_vals)
         ctx.set_materialize_grads(True)
 
     @staticmethod
     @accepts_batched_grads
+    @guards_second_derivatives(lambda ctx, seeds: ctx.moving_inputs)
     def backward(ctx, x_bar, y_bar, s_bar):
         d = ctx.derivative
         members = d.x.shape[0]

@@ -168,9 +168,11 @@ def accepts_batched_grads(backward):
     batching rule for views (``detach``, ``alias``) or numpy, which the derivatives use. The
     seeds batched there are unwrapped to their physical tensors (the grads' batch dimension
     first), the backward runs under ``torch.vmap`` over that dimension (the transform the
-    derivatives support: the module docstring; their solves take the grads as columns of
-    one solve), and the cotangents are wrapped back at the legacy level. Other seeds pass
-    straight through."""
+    derivatives support: the module docstring; the dense torch solves take the grads as
+    columns of one solve, the numpy ones a slice at a time), and the cotangents are
+    wrapped back at the legacy level. Under
+    ``create_graph=True`` the backward runs a slice of the seeds at a time instead, so that
+    the cotangents can be differentiated in the seeds. Other seeds pass straight through."""
 
     @functools.wraps(backward)
     def wrapped(ctx, *seeds):
@@ -191,12 +193,82 @@ def accepts_batched_grads(backward):
             outs = backward(ctx, *s)
             present[:] = [o is not None for o in outs]
             return tuple(o for o in outs if o is not None)
-        dims = tuple(0 if batched else None for batched in legacy)
-        cotangents = iter(torch.vmap(tensors_only, in_dims=dims)(*physical))
+        if torch.is_grad_enabled():
+            # create_graph: the cotangents get a graph of their own (to differentiate them
+            # in the seeds), which the solves folded under torch.vmap do not record; a slice
+            # of the seeds at a time
+            slices = [tensors_only(*(p[v] if batched else p for p, batched in
+                                     zip(physical, legacy))) for v in range(count)]
+            cotangents = iter([torch.stack(c) for c in zip(*slices)])
+        else:
+            dims = tuple(0 if batched else None for batched in legacy)
+            cotangents = iter(torch.vmap(tensors_only, in_dims=dims)(*physical))
         return tuple(torch._add_batch_dim(next(cotangents), 0, level) if here else None
                      for here in present)
 
     return wrapped
+
+
+def guards_second_derivatives(moving_inputs):
+    """A decorator of the ``backward(ctx, *seeds)`` of a solution map that refuses second
+    derivatives under ``create_graph=True``; ``moving_inputs(ctx, seeds)`` names the inputs
+    through which the map's Jacobian moves.
+
+    The backward takes the solution and the factorization of the optimality conditions as
+    constants, so its cotangents ``Jᵀw`` are exact functions of the seeds ``w`` (linear:
+    their derivative in ``w`` is ``J``, the double-backward way to ``J u``) and of inputs
+    the Jacobian does not depend on (``q`` and ``h`` of a QP: the solution is affine in them
+    on an active set, and the Hessian-vector products of a loss of ``x*(q)`` are exact), but
+    not of the moving ones. With grad mode on (``create_graph=True``) each cotangent gets
+    zeros added that depend on the moving inputs and whose backward raises
+    NotImplementedError, so ``torch.autograd.functional.hessian`` or a gradient penalty says
+    so instead of returning a second derivative without its curvature term. A pass that asks
+    for no derivative in those inputs never runs them. (Under ``torch.func`` transforms,
+    nested derivatives are refused when the map is called: :func:`reject_nested_derivatives`.)
+    """
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapped(ctx, *seeds):
+            grads = backward(ctx, *seeds)
+            if not torch.is_grad_enabled() or _under_transforms():
+                return grads
+            anchors = [t for t in moving_inputs(ctx, seeds) if t.requires_grad and t.numel()]
+            if not anchors:
+                return grads
+            return tuple(g if g is None else
+                         g + _SecondDerivativeGuard.apply(g.detach(), *anchors) for g in grads)
+
+        return wrapped
+
+    return decorate
+
+
+def _under_transforms() -> bool:
+    """Whether a ``torch.func`` transform is running."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+class _SecondDerivativeGuard(torch.autograd.Function):
+    """``zeros_like(like)``, as a function of ``anchors`` whose backward raises
+    (:func:`guards_second_derivatives`)."""
+
+    @staticmethod
+    def forward(like, *anchors):
+        return torch.zeros_like(like)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError(
+            "second derivatives of an optimization layer (create_graph=True, then a "
+            "derivative of its gradient in the layer's inputs, as in "
+            "torch.autograd.functional.hessian) are not supported: its derivatives are "
+            "exact to first order only; derivatives of the gradient in the seeds (grad_outputs) "
+            "are supported")
 
 
 def _legacy_vmap_level() -> int:

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from .pipelines import NonlinearPipeline
-from .folding import accepts_batched_grads, derivative_under_transforms, needs_plain_seeds, \
-    seed_batch, vmap_by_folding
+from .folding import (accepts_batched_grads, derivative_under_transforms,
+                      guards_second_derivatives, needs_plain_seeds, seed_batch,
+                      vmap_by_folding)
 from .solvers.batch import record_outcomes, solve_each
 
 _F64 = torch.float64
@@ -73,6 +74,7 @@ class NLPSolve(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         ctx.call = inputs[0]
         ctx.like = [t.detach() for t in inputs[1:]]
+        ctx.inputs = inputs[1:]
         ctx.folded = getattr(ctx.call, "folded_levels", frozenset())
         ctx.set_materialize_grads(True)
 
@@ -80,6 +82,7 @@ class NLPSolve(torch.autograd.Function):
     # seeds, folded or one slice at a time (folding.derivative_under_transforms)
     @staticmethod
     @accepts_batched_grads
+    @guards_second_derivatives(lambda ctx, seeds: ctx.inputs)
     def backward(ctx, x_bar, mu_bar, f_bar):
         seeds = (x_bar, mu_bar, f_bar)
         members = len(ctx.call.solved)

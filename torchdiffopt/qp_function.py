@@ -29,8 +29,9 @@ from .backends.batched_quadratic import ALL_COTANGENTS, BatchedQuadraticKKT, wit
 from .backends.quadratic import DataTangent, QuadraticKKT, bound_rows, check_convex
 from .backends.single_quadratic import single_kkt, well_pivoted_cholesky
 from .errors import NonconvexError, SolverError, warn_degenerate
-from .folding import accepts_batched_grads, derivative_under_transforms, needs_plain_seeds, \
-    seed_batch, vmap_by_folding
+from .folding import (accepts_batched_grads, derivative_under_transforms,
+                      guards_second_derivatives, needs_plain_seeds, seed_batch,
+                      vmap_by_folding)
 from .linalg.factorization import DENSE_MAX_ORDER
 from .linalg.threads import serial_if_small, serial_numpy_blas
 from .solvers import NumericQP, qp_solver, solve_highs, solve_scs
@@ -533,6 +534,13 @@ def _valid_seeds(valid, x_bar, mu_bar, f_bar):
             None if f_bar is None else torch.where(valid, f_bar, 0.0))
 
 
+def _moving_inputs(inputs, seeds):
+    """The inputs ``(P_vals, q, r, C_vals, c0)`` the QP's Jacobian moves with: ``P`` and
+    ``C`` (the KKT matrix), and all of them where the optimal value is seeded (its
+    cotangents hold the solution itself); see :func:`~.folding.guards_second_derivatives`."""
+    return inputs if seeds[2] is not None else (inputs[0], inputs[3])
+
+
 class QPSolve(torch.autograd.Function):
     """``(P_vals, q, r, C_vals, c0) ↦ (x*, μ*, f*)`` for a batch (leading dimension ``B``)
     of internal QPs, in float64. ``backward`` is the vector-Jacobian product, ``jvp`` the
@@ -556,6 +564,7 @@ class QPSolve(torch.autograd.Function):
 
     @staticmethod
     @accepts_batched_grads
+    @guards_second_derivatives(lambda ctx, seeds: _moving_inputs(ctx.inputs, seeds))
     def backward(ctx, x_bar, mu_bar, f_bar):
         kkt, st = ctx.kkt, ctx.structure
         B, members = seed_batch(x_bar, mu_bar, f_bar), len(kkt.valid)

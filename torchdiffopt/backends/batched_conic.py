@@ -122,6 +122,13 @@ class BlockDiagonalD:
             out = out.index_copy(-1, idx.reshape(-1), part.flatten(-2))
         return out
 
+    def row_abs_sums(self) -> torch.Tensor:
+        """``Σ_k |D_lk|`` for every row ``l``: ``(B, m)``."""
+        out = self.diag.abs()
+        for idx, mats in self.blocks:
+            out = out.index_copy(-1, idx.reshape(-1), mats.abs().sum(-1).flatten(-2))
+        return out
+
     def dense(self) -> torch.Tensor:
         """``(B, m, m)``."""
         D = torch.diag_embed(self.diag)
@@ -160,6 +167,16 @@ class ResidualJacobians:
             M[~self.valid] = torch.eye(n + m, dtype=M.dtype, device=M.device)
         return M
 
+    def norm_bound(self) -> torch.Tensor:
+        """An upper bound on every member's ``‖M‖∞`` (largest row sum of ``|M|``): ``(B,)``,
+        from ``|P|1 + |A|ᵀ|D|1`` on the first ``n`` rows and ``|A|1 + 1 + |D|1`` on the
+        others."""
+        d = self.D.row_abs_sums()
+        absA = self.A.abs()
+        top = self.P.abs().sum(-1) + (absA * d[..., None]).sum(-2)
+        bottom = absA.sum(-1) + 1.0 + d
+        return torch.maximum(top.amax(-1), bottom.amax(-1))
+
     def times(self, z: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         """``M zᵢ`` (``Mᵀ zᵢ`` with ``transpose``) for the rows ``z (B, K, n + m)``:
         ``M z = [P z_u + AᵀD z_v ; z_v - A z_u - D z_v]``,
@@ -176,21 +193,27 @@ class ResidualJacobians:
         return torch.where(self.valid[:, None, None], torch.cat((top, bottom), -1), z)
 
 
-class DenseSystems:
+class _HeldDensely:
+    """What the dense ways of holding ``M`` share: ``D`` (:class:`BlockDiagonalD`)."""
+
+    D: BlockDiagonalD
+
+    def apply_D(self, v):
+        """``D v`` for ``v (B, K, m)``."""
+        return self.D.right_of(v, transpose=True)
+
+
+class DenseSystems(_HeldDensely):
     """All members' ``M`` (:class:`ResidualJacobians`) LU-factorized once."""
 
     def __init__(self, jacobians: ResidualJacobians):
-        self.jacobians, self.D = jacobians, jacobians.D
+        self.D = jacobians.D
         self._lu = DenseFactorization(jacobians.dense(), symmetric=False)
         self.singular = self._lu.singular & jacobians.valid
 
     def solve(self, rhs, transpose: bool = False):
         """``M⁻¹ rhs`` (``M⁻ᵀ`` with ``transpose``) for ``rhs (B, K, N)``."""
         return self._lu.solve(rhs.transpose(-1, -2), transpose).transpose(-1, -2)
-
-    def apply_D(self, v):
-        """``D v`` for ``v (B, K, m)``."""
-        return self.D.right_of(v, transpose=True)
 
 
 #: sweeps of iterative refinement on a nearby factorization (:class:`NearbySystems`)
@@ -199,85 +222,77 @@ NEARBY_MAX_SWEEPS = 3
 NEARBY_RTOL = 1e-12
 
 
-class NearbySystems:
+class NearbySystems(_HeldDensely):
     """The systems ``M₁`` at the refined points (:class:`ResidualJacobians`), solved by
     iterative refinement on the LU factors of ``M₀`` at the solvers' points (``base``):
     ``z ← z + M₀⁻¹(rhs − M₁ z)`` from ``z = M₀⁻¹ rhs``, until every valid member's residual
-    is below :data:`NEARBY_RTOL` times the size of its terms.
+    is below :data:`NEARBY_RTOL` times ``‖M₁‖∞‖z‖∞ + ‖rhs‖∞`` (a backward error: an exact
+    solve passes it at any condition number).
 
     The refinement moves a point by about the solver's tolerance, and ``M`` (through ``D``)
     with it, so ``M₀⁻¹(M₁ − M₀)`` is small and each sweep gains its size: one or two
     sweeps (a product with ``M₁`` from its parts and a solve each) replace a second
-    factorization (W4's 64 LU factorizations of order 157, 20–40 ms). Where
-    :data:`NEARBY_MAX_SWEEPS` do not reach the tolerance, ``M₁`` is factorized after all
-    (:class:`DenseSystems`) and serves from then on. Under ``torch.func`` transforms, whose
-    solves cannot test their data, the sweep count is taken from a random probe, solved once
-    in both orientations."""
+    factorization (W4's 64 LU factorizations of order 157, 20–40 ms). When built, a random
+    probe is solved in both orientations: where :data:`NEARBY_MAX_SWEEPS` do not reach the
+    tolerance, ``M₁`` is factorized after all (:class:`DenseSystems`), its singular members
+    found (``singular``, for the warning) and it serves every solve. Otherwise the probe's
+    sweep count serves the solves under ``torch.func`` transforms, which cannot test their
+    data; plain solves test theirs, and fall back to ``M₁``'s factorization should one not
+    converge."""
 
     def __init__(self, jacobians: ResidualJacobians, base: DenseSystems):
         self.jacobians, self.D, self.singular = jacobians, jacobians.D, base.singular
         self._base = base
         self._own: DenseSystems | None = None  # M₁'s factorization, once needed
-        self._probe_sweeps: int | None = None
+        self._norm = jacobians.norm_bound()
+        A = jacobians.A
+        # (numpy's generator: the probe is not random in torch's stream)
+        probe = torch.as_tensor(np.random.default_rng(0).standard_normal(
+            (A.shape[0], 1, sum(A.shape[1:]))), dtype=A.dtype, device=A.device)
+        counts = [self._refined(probe, transpose)[1] for transpose in (False, True)]
+        if None in counts:
+            self._factorize()
+        self._probe_sweeps = None if None in counts else max(counts)
+
+    def _factorize(self) -> None:
+        self._own = DenseSystems(self.jacobians)
+        self.singular = self._own.singular
 
     def solve(self, rhs, transpose: bool = False):
         """``M₁⁻¹ rhs`` (``M₁⁻ᵀ`` with ``transpose``) for ``rhs (B, K, N)``."""
         if self._own is None and is_transformed(rhs):
-            sweeps = self._sweeps_of_probe()
-            if sweeps is not None:
-                return self._refined(rhs, transpose, sweeps)
+            return self._swept(rhs, transpose, self._probe_sweeps)
         if self._own is None:
-            z = self._refined(rhs, transpose, NEARBY_MAX_SWEEPS, tested=True)
+            z, _ = self._refined(rhs, transpose)
             if z is not None:
                 return z
-            self._own = DenseSystems(self.jacobians)
+            self._factorize()
         return self._own.solve(rhs, transpose)
 
-    def _refined(self, rhs, transpose, sweeps, tested=False):
-        """``sweeps`` sweeps from ``M₀⁻¹ rhs``; with ``tested``, as many as the residual
-        needs, up to ``sweeps``, and None if it is still above the tolerance after them."""
+    def _swept(self, rhs, transpose, sweeps: int):
+        """``sweeps`` sweeps from ``M₀⁻¹ rhs``, untested."""
         z = self._base.solve(rhs, transpose)
-        for sweep in range(sweeps + 1):
-            if sweep == sweeps and not tested:
-                return z
-            residual = rhs - self.jacobians.times(z, transpose)
-            if tested and self._converged(rhs, residual):
-                return z
-            if sweep == sweeps:
-                return None
-            z = z + self._base.solve(residual, transpose)
+        for _ in range(sweeps):
+            z = z + self._base.solve(rhs - self.jacobians.times(z, transpose), transpose)
         return z
 
-    def _converged(self, rhs, residual) -> bool:
+    def _refined(self, rhs, transpose):
+        """Sweeps from ``M₀⁻¹ rhs`` until the residual passes, at most
+        :data:`NEARBY_MAX_SWEEPS`: ``(z, sweeps taken)``, or ``(None, None)``."""
+        z = self._base.solve(rhs, transpose)
+        for sweep in range(NEARBY_MAX_SWEEPS + 1):
+            residual = rhs - self.jacobians.times(z, transpose)
+            if self._converged(rhs, z, residual):
+                return z, sweep
+            if sweep < NEARBY_MAX_SWEEPS:
+                z = z + self._base.solve(residual, transpose)
+        return None, None
+
+    def _converged(self, rhs, z, residual) -> bool:
         valid = self.jacobians.valid
-        error = residual.abs().amax((-2, -1))[valid]
-        size = rhs.abs().amax((-2, -1))[valid]
-        return bool((error <= NEARBY_RTOL * size).all())
-
-    def _sweeps_of_probe(self) -> int | None:
-        """The sweeps a random right-hand side needs in both orientations (None: more than
-        :data:`NEARBY_MAX_SWEEPS`, and ``M₁`` is factorized)."""
-        if self._probe_sweeps is None:
-            A = self.jacobians.A
-            # (numpy's generator: torch's random operations are refused inside vmap)
-            probe = torch.as_tensor(np.random.default_rng(0).standard_normal(
-                (A.shape[0], 1, sum(A.shape[1:]))), dtype=A.dtype, device=A.device)
-            counts = []
-            for transpose in (False, True):
-                for sweeps in range(NEARBY_MAX_SWEEPS + 1):
-                    z = self._refined(probe, transpose, sweeps)
-                    if self._converged(probe, probe - self.jacobians.times(z, transpose)):
-                        counts.append(sweeps)
-                        break
-            if len(counts) < 2:
-                self._own = DenseSystems(self.jacobians)
-                return None
-            self._probe_sweeps = max(counts)
-        return self._probe_sweeps
-
-    def apply_D(self, v):
-        """``D v`` for ``v (B, K, m)``."""
-        return self.D.right_of(v, transpose=True)
+        amax = lambda t: t.abs().amax((-2, -1))[valid]  # noqa: E731
+        scale = self._norm[valid] * amax(z) + amax(rhs)
+        return bool((amax(residual) <= NEARBY_RTOL * scale).all())
 
 
 def refine_dense(pattern: ConicPattern, dims, z: np.ndarray, P_vals, c, A_vals, b, valid,
