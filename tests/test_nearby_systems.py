@@ -159,8 +159,9 @@ def test_the_layer_factorizes_once_and_matches_finite_differences(monkeypatch):
 
 def test_a_singular_matrix_at_the_refined_point_is_reported():
     """M₀ at SCS's point is regular, M₁ at the refined point (two active constraints meeting
-    at a kink) is singular: the probe sends it to its own factorization, whose singular
-    member gets the warning (it used to be judged by M₀ alone)."""
+    at a kink) is singular: the refinement does not converge, M₁ gets its own
+    factorization, and its singular member the warning, when the backward finds it (it
+    used to be judged by M₀ alone)."""
     m = tdo.conic_diff_model(solver="scs")
     x = m.variable(2)
     p = m.parameter(np.zeros(2))
@@ -169,10 +170,10 @@ def test_a_singular_matrix_at_the_refined_point_is_reported():
     m.constraint(x[0] >= 0)
     m.minimize(0.5 * tdo.sum_squares(x) - p @ x)
     layer = tdo.Layer(m, parameters=[p], outputs=x)
-    value = torch.tensor([[-(0.5 + 1.5 * 25 / 63), 0.0]], dtype=F64)
+    value = torch.tensor([[-(0.5 + 1.5 * 25 / 63), 0.0]], dtype=F64, requires_grad=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        layer(value)
+        layer(value).sum().backward()
     messages = [str(w.message) for w in caught]
     assert any(msg.startswith("batch members [0]: the cone program's derivative matrix M is "
                               "singular") for msg in messages), messages

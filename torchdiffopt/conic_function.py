@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from .backends.batched_conic import (BatchedConicDerivative, ConicPattern, SparseSystems,
+                                     warn_singular,
                                      refine_dense)
 from .backends.conic import ConicDerivative
 from .backends.cones import ConeDims, kinks, project_rows
@@ -267,11 +268,7 @@ def _solve_batch(call: ConicCall, P_vals, c, A_vals, b, margins):
 
 def _warn_degenerate(singular: list, kinked: dict) -> None:
     if singular:
-        warn_degenerate(
-            f"batch members {singular}: the cone program's derivative matrix M is singular "
-            "(the primal or dual solution is not unique); their derivatives are the "
-            "minimum-norm least-squares solution of the linearized optimality conditions "
-            "(exact along data directions that keep a solution path)")
+        warn_singular(singular)
     if kinked:
         shown = "; ".join(f"[{j}] {', '.join(k[:4])}" for j, k in list(kinked.items())[:5])
         warn_degenerate(

@@ -37,6 +37,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from ..errors import warn_degenerate
 from ..folding import is_transformed
 from ..linalg.factorization import DENSE_MAX_ORDER, DenseFactorization
 from .cones import project_rows, projection_derivative_blocks
@@ -232,36 +233,33 @@ class NearbySystems(_HeldDensely):
     The refinement moves a point by about the solver's tolerance, and ``M`` (through ``D``)
     with it, so ``M₀⁻¹(M₁ − M₀)`` is small and each sweep gains its size: one or two
     sweeps (a product with ``M₁`` from its parts and a solve each) replace a second
-    factorization (W4's 64 LU factorizations of order 157, 20–40 ms). When built, a random
-    probe is solved in both orientations: where :data:`NEARBY_MAX_SWEEPS` do not reach the
-    tolerance, ``M₁`` is factorized after all (:class:`DenseSystems`), its singular members
-    found (``singular``, for the warning) and it serves every solve. Otherwise the probe's
-    sweep count serves the solves under ``torch.func`` transforms, which cannot test their
-    data; plain solves test theirs, and fall back to ``M₁``'s factorization should one not
-    converge."""
+    factorization (W4's 64 LU factorizations of order 157, 20–40 ms). Where
+    :data:`NEARBY_MAX_SWEEPS` do not reach the tolerance, ``M₁`` is factorized after all
+    (:class:`DenseSystems`) and serves from then on; members it finds singular, though
+    ``M₀`` was not, are reported then (:func:`warn_singular`; ``M₀``'s are reported with
+    the solution). Under ``torch.func`` transforms, whose solves cannot test their data,
+    the sweep count is taken from a random probe, solved once in both orientations."""
 
     def __init__(self, jacobians: ResidualJacobians, base: DenseSystems):
         self.jacobians, self.D, self.singular = jacobians, jacobians.D, base.singular
         self._base = base
         self._own: DenseSystems | None = None  # M₁'s factorization, once needed
         self._norm = jacobians.norm_bound()
-        A = jacobians.A
-        # (numpy's generator: the probe is not random in torch's stream)
-        probe = torch.as_tensor(np.random.default_rng(0).standard_normal(
-            (A.shape[0], 1, sum(A.shape[1:]))), dtype=A.dtype, device=A.device)
-        counts = [self._refined(probe, transpose)[1] for transpose in (False, True)]
-        if None in counts:
-            self._factorize()
-        self._probe_sweeps = None if None in counts else max(counts)
+        self._probe_sweeps: int | None = None
 
     def _factorize(self) -> None:
         self._own = DenseSystems(self.jacobians)
+        newly = self._own.singular & ~self.singular
         self.singular = self._own.singular
+        if bool(newly.any()):
+            warn_singular(torch.nonzero(newly).flatten().tolist())
 
     def solve(self, rhs, transpose: bool = False):
         """``M₁⁻¹ rhs`` (``M₁⁻ᵀ`` with ``transpose``) for ``rhs (B, K, N)``."""
         if self._own is None and is_transformed(rhs):
-            return self._swept(rhs, transpose, self._probe_sweeps)
+            sweeps = self._sweeps_of_probe()
+            if sweeps is not None:
+                return self._swept(rhs, transpose, sweeps)
         if self._own is None:
             z, _ = self._refined(rhs, transpose)
             if z is not None:
@@ -293,6 +291,30 @@ class NearbySystems(_HeldDensely):
         amax = lambda t: t.abs().amax((-2, -1))[valid]  # noqa: E731
         scale = self._norm[valid] * amax(z) + amax(rhs)
         return bool((amax(residual) <= NEARBY_RTOL * scale).all())
+
+    def _sweeps_of_probe(self) -> int | None:
+        """The sweeps a random right-hand side needs in both orientations (None: more than
+        :data:`NEARBY_MAX_SWEEPS`, and ``M₁`` is factorized)."""
+        if self._probe_sweeps is None:
+            A = self.jacobians.A
+            # (numpy's generator: torch's random operations are refused inside vmap)
+            probe = torch.as_tensor(np.random.default_rng(0).standard_normal(
+                (A.shape[0], 1, sum(A.shape[1:]))), dtype=A.dtype, device=A.device)
+            counts = [self._refined(probe, transpose)[1] for transpose in (False, True)]
+            if None in counts:
+                self._factorize()
+                return None
+            self._probe_sweeps = max(counts)
+        return self._probe_sweeps
+
+
+def warn_singular(members: list) -> None:
+    """The DegenerateSolutionWarning for batch members whose ``M`` is singular."""
+    warn_degenerate(
+        f"batch members {members}: the cone program's derivative matrix M is singular "
+        "(the primal or dual solution is not unique); their derivatives are the "
+        "minimum-norm least-squares solution of the linearized optimality conditions "
+        "(exact along data directions that keep a solution path)")
 
 
 def refine_dense(pattern: ConicPattern, dims, z: np.ndarray, P_vals, c, A_vals, b, valid,
