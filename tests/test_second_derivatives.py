@@ -91,6 +91,14 @@ def test_conic_hessians():
     c0 = torch.tensor([0.3, -1.0, 0.8], dtype=F64)
     with pytest.raises(NotImplementedError, match=REFUSED):
         hessian(lambda c_: (layer(c_) * w).sum(), c0)
+    # the optimal value f* = -‖c‖: its gradient -c/‖c‖ by the envelope theorem, its
+    # Hessian (which needs how the solution moves) refused
+    value = tdo.Layer(ball, parameters=[c], outputs=ball.objective)
+    leaf = c0.clone().requires_grad_()
+    (g,) = torch.autograd.grad(value(leaf), leaf)
+    torch.testing.assert_close(g, -c0 / c0.norm(), atol=1e-10, rtol=0)
+    with pytest.raises(NotImplementedError, match=REFUSED):
+        hessian(value, c0)
     lp = tdo.conic_diff_model()
     y = lp.variable(n, lb=0.0, ub=1.0)
     d = lp.parameter(np.zeros(n))

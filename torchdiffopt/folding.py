@@ -249,6 +249,41 @@ def _under_transforms() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
+def envelope_point(*solution: torch.Tensor) -> tuple:
+    """The solution, as the point at which the Lagrangian gives the optimal value: a
+    constant to first order (the Lagrangian is stationary in the point there: the envelope
+    theorem), so the values come detached. Where a graph is being recorded they come
+    through :class:`_EnvelopePoint` instead, whose derivative is zero to first order and,
+    under ``create_graph=True``, raises when taken further: the optimal value's second
+    derivative needs how the point moves, which the layers do not compute."""
+    if (not torch.is_grad_enabled() or _under_transforms()
+            or not any(t.requires_grad for t in solution)):
+        return tuple(t.detach() for t in solution)
+    return _EnvelopePoint.apply(*solution)
+
+
+class _EnvelopePoint(torch.autograd.Function):
+    """:func:`envelope_point` where a graph is recorded."""
+
+    @staticmethod
+    def forward(*solution):
+        return tuple(t.detach().clone() for t in solution)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.anchors = [t for t in inputs if t.requires_grad]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        if not torch.is_grad_enabled():
+            return (None,) * len(grads)
+        return tuple(_SecondDerivativeGuard.apply(g.detach(), *ctx.anchors) for g in grads)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        return tuple(torch.zeros_like(t) for t in tangents)
+
+
 class _SecondDerivativeGuard(torch.autograd.Function):
     """``zeros_like(like)``, as a function of ``anchors`` whose backward raises
     (:func:`guards_second_derivatives`)."""

@@ -34,7 +34,7 @@ from .modeling.expressions import Parameter, Variable
 from .modeling.model import ConstraintRef, Model, ObjectiveRef
 from .nlp_function import NLPCall, NLPSolve
 from .pipelines import ConicPipeline, NonlinearPipeline, pipeline_for
-from .folding import reject_nested_derivatives
+from .folding import envelope_point, reject_nested_derivatives
 from .qp_function import QPSolve, QPStructure, SolveCall, failure_error
 
 _F64 = torch.float64
@@ -184,7 +184,8 @@ class Layer(torch.nn.Module):
     def _conic_outputs(self, values, x, y, point):
         """``(x, μ, f)`` of the model from the cone program's data ``values = (P_vals, c, r,
         A_vals, b)`` and solution ``(x̃, y)``: ``x = x̃[:n]``, ``μ = -Tᵀy`` and ``f`` the
-        Lagrangian at ``point`` (the detached solution, :func:`conic_lagrangian`). Linear in
+        Lagrangian at ``point`` (the solution, constant to first order:
+        :func:`~.folding.envelope_point`; :func:`conic_lagrangian`). Linear in
         all three, so it maps tangents too (``point`` unsqueezed over the directions)."""
         rows, cols, vals = (t.to(y.device) for t in self._T)
         mu = y.new_zeros(*y.shape[:-1], self.form.m).index_add(-1, cols, -vals * y[..., rows])
@@ -204,7 +205,7 @@ class Layer(torch.nn.Module):
             values = self._batched(data.values() + (data.margins,), B, device)
             xt, y, _ = ConicSolve.apply(call, *(values[k] for k in (0, 1, 3, 4, 5)))
             valid = torch.isfinite(xt).all(-1, keepdim=True)  # failed members are NaN
-            point = (torch.where(valid, xt.detach(), 0.0), torch.where(valid, y.detach(), 0.0))
+            point = envelope_point(torch.where(valid, xt, 0.0), torch.where(valid, y, 0.0))
             x, mu, f = self._conic_outputs(values[:5], xt, y, point)
             f = torch.where(valid[:, 0], f, torch.nan)
         else:
