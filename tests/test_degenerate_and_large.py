@@ -364,7 +364,6 @@ def test_ridge_members_the_schur_complement_rejects_go_to_the_pseudo_inverse():
         Ks.append(torch.cat((torch.cat((P, G.T), 1),
                              torch.cat((G, torch.zeros(k, k, dtype=torch.float64)), 1)), 0))
     K = torch.stack(Ks)
-    used = torch.ones(3, k, dtype=torch.float64)
     ridge = torch.tensor([True, True, True])
     factor = ActiveSetFactorization(KKTBlocks.of_dense(K, n), _kkt_pseudo_inverse,
                                     pinv_unless_schur=ridge)
