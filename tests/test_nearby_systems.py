@@ -30,8 +30,8 @@ def jacobians(V, valid, seed: int = 0) -> ResidualJacobians:
     rows, cols = np.divmod(np.arange(n * n), n)
     a_rows, a_cols = np.divmod(np.arange(m * n), n)
     pattern = ConicPattern(n, m, a_rows, a_cols, rows, cols)
-    return ResidualJacobians(pattern, P.reshape(B, -1), A.reshape(B, -1),
-                             BlockDiagonalD.at(V, CONES, "cpu"), valid)
+    return ResidualJacobians.of_entries(pattern, P.reshape(B, -1), A.reshape(B, -1),
+                                        BlockDiagonalD.at(V, CONES, "cpu"), valid)
 
 
 def systems(shift: float, valid=None):

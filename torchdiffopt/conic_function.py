@@ -139,8 +139,9 @@ def _member_solver(st: ConicStructure, local: threading.local):
     members share cones and patterns), one per thread, kept in ``local``. Points of programs
     held densely come unchecked (:func:`_check_together` checks them at once)."""
     options = dict(st.solver_options)
-    accept = None if st.pattern.dense else options.pop("accept", ACCEPT_RESIDUAL)
-    options.pop("accept", None)
+    accept = options.pop("accept", ACCEPT_RESIDUAL)
+    if st.pattern.dense:
+        accept = None
     sequenced = SEQUENCED_CONIC_SOLVERS.get(st.solve)
     if sequenced is None:
         return lambda A, b, c, P: st.solve(A, b, c, st.dims, P, accept=accept, **options)
@@ -294,10 +295,9 @@ class ConicSolve(torch.autograd.Function):
         ctx.inputs = inputs[1:]
         # the Jacobian moves with P and A, and with c and b through D = DΠ(v*) unless every
         # cone is polyhedral (D piecewise constant); margins enter no derivative
-        dims = inputs[0].structure.dims
-        curved = dims.q or dims.s or dims.ep or dims.ed or dims.p
         P_vals, c, A_vals, b, _margins = inputs[1:]
-        ctx.moving_inputs = (P_vals, c, A_vals, b) if curved else (P_vals, A_vals)
+        ctx.moving_inputs = ((P_vals, A_vals) if inputs[0].structure.dims.polyhedral
+                             else (P_vals, c, A_vals, b))
         ctx.set_materialize_grads(True)
 
     @staticmethod

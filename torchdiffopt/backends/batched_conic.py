@@ -33,6 +33,8 @@ Members that failed (``valid`` False) carry zeros and get zero tangents and cota
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -140,17 +142,25 @@ class BlockDiagonalD:
 
 class ResidualJacobians:
     """Every member's residual-map Jacobian ``M = [[P, AᵀD], [-A, I - D]]`` by its parts:
-    ``P (B, n, n)`` (symmetrized), ``A (B, m, n)``, ``D`` (:class:`BlockDiagonalD`), and
+    ``P (B, n, n)`` (symmetric), ``A (B, m, n)``, ``D`` (:class:`BlockDiagonalD`), and
     ``valid``; a failed (not ``valid``) member's ``M`` is the identity. Products with ``M``
     and ``Mᵀ`` are taken from the parts; the dense ``(B, n + m, n + m)`` is formed only to
     be factorized."""
 
-    def __init__(self, pattern: ConicPattern, P_vals, A_vals, D: BlockDiagonalD, valid):
+    def __init__(self, P, A, D: BlockDiagonalD, valid):
+        self.P, self.A, self.D, self.valid, self.n = P, A, D, valid, P.shape[-1]
+
+    @classmethod
+    def of_entries(cls, pattern: ConicPattern, P_vals, A_vals, D: BlockDiagonalD, valid):
+        """From the stored entries of ``P`` (symmetrized here) and ``A``."""
         n, m = pattern.n, pattern.m
         P = pattern.dense_matrix(P_vals, "P_rows", "P_cols", (n, n))
-        self.P = 0.5 * (P + P.transpose(-1, -2))
-        self.A = pattern.dense_matrix(A_vals, "A_rows", "A_cols", (m, n))
-        self.D, self.valid, self.n = D, valid, n
+        A = pattern.dense_matrix(A_vals, "A_rows", "A_cols", (m, n))
+        return cls(0.5 * (P + P.transpose(-1, -2)), A, D, valid)
+
+    def at(self, D: BlockDiagonalD) -> "ResidualJacobians":
+        """The same programs' Jacobians with ``D`` taken at other points."""
+        return ResidualJacobians(self.P, self.A, D, self.valid)
 
     def dense(self) -> torch.Tensor:
         """``M (B, n + m, n + m)``."""
@@ -168,6 +178,7 @@ class ResidualJacobians:
             M[~self.valid] = torch.eye(n + m, dtype=M.dtype, device=M.device)
         return M
 
+    @functools.cached_property
     def norm_bound(self) -> torch.Tensor:
         """An upper bound on every member's ``‖M‖∞`` (largest row sum of ``|M|``): ``(B,)``,
         from ``|P|1 + |A|ᵀ|D|1`` on the first ``n`` rows and ``|A|1 + 1 + |D|1`` on the
@@ -244,7 +255,6 @@ class NearbySystems(_HeldDensely):
         self.jacobians, self.D, self.singular = jacobians, jacobians.D, base.singular
         self._base = base
         self._own: DenseSystems | None = None  # M₁'s factorization, once needed
-        self._norm = jacobians.norm_bound()
         self._probe_sweeps: int | None = None
 
     def _factorize(self) -> None:
@@ -289,7 +299,7 @@ class NearbySystems(_HeldDensely):
     def _converged(self, rhs, z, residual) -> bool:
         valid = self.jacobians.valid
         amax = lambda t: t.abs().amax((-2, -1))[valid]  # noqa: E731
-        scale = self._norm[valid] * amax(z) + amax(rhs)
+        scale = self.jacobians.norm_bound[valid] * amax(z) + amax(rhs)
         return bool((amax(residual) <= NEARBY_RTOL * scale).all())
 
     def _sweeps_of_probe(self) -> int | None:
@@ -330,11 +340,11 @@ def refine_dense(pattern: ConicPattern, dims, z: np.ndarray, P_vals, c, A_vals, 
     device = valid.device
     members = np.flatnonzero(valid.cpu().numpy())
 
-    def jacobians(z):
-        return ResidualJacobians(pattern, P_vals, A_vals,
-                                 BlockDiagonalD.at(z[:, n:], dims, device), valid)
+    def D_at(z):
+        return BlockDiagonalD.at(z[:, n:], dims, device)
 
-    systems = DenseSystems(jacobians(z))
+    start_jacobians = ResidualJacobians.of_entries(pattern, P_vals, A_vals, D_at(z), valid)
+    systems = DenseSystems(start_jacobians)
     if not refine or not len(members):
         return z, systems
 
@@ -364,7 +374,7 @@ def refine_dense(pattern: ConicPattern, dims, z: np.ndarray, P_vals, c, A_vals, 
         return z, systems
     z = z.copy()
     z[members] = refined
-    refined_jacobians = jacobians(z)
+    refined_jacobians = start_jacobians.at(D_at(z))
     if bool(systems.singular.any()):  # the pseudo-inverse of M₁ itself
         return z, DenseSystems(refined_jacobians)
     return z, NearbySystems(refined_jacobians, systems)

@@ -121,6 +121,11 @@ class ConeDims:
                    ed=count("ed"), p=alphas)
 
     @property
+    def polyhedral(self) -> bool:
+        """Whether only zero and nonnegative cones appear (``DΠ`` piecewise constant)."""
+        return not (self.q or self.s or self.ep or self.ed or self.p)
+
+    @property
     def size(self) -> int:
         """Total number of rows."""
         return (self.z + self.l + sum(self.q) + sum(d * (d + 1) // 2 for d in self.s)

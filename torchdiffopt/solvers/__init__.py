@@ -55,6 +55,6 @@ def conic_solver(name: str | None):
     return CONIC_SOLVERS[key]
 
 
-__all__ = ["BATCHED_CONIC_SOLVERS", "SEQUENCED_CONIC_SOLVERS", "ConicSolution", "NumericQP", "Solution", "conic_solver",
-           "qp_solver", "solve_clarabel_conic", "solve_conic_ipm", "solve_daqp_qp", "solve_highs",
+__all__ = ["BATCHED_CONIC_SOLVERS", "SEQUENCED_CONIC_SOLVERS", "ConicSolution", "NumericQP",
+           "Solution", "conic_solver", "qp_solver", "solve_clarabel_conic", "solve_conic_ipm", "solve_daqp_qp", "solve_highs",
            "solve_ipm_conic", "solve_scs", "solve_scs_conic"]
