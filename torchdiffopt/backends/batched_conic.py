@@ -19,7 +19,10 @@ ways of holding ``M``:
   :data:`~torchdiffopt.linalg.factorization.DENSE_MAX_ORDER`: the ``(B, N, N)`` tensor of all
   members' ``M``, assembled in torch from the entries and the stacked ``D``, factorized by
   one batched LU (:class:`~torchdiffopt.linalg.factorization.DenseFactorization`; singular
-  members get the pseudo-inverse: minimum-norm least-squares derivatives). Every operation is
+  members get the pseudo-inverse: minimum-norm least-squares derivatives) — of the block
+  that is left once the unknowns fixed by active bounds and inactive rows are taken out by
+  substitution (:meth:`ResidualJacobians.triangular_order`,
+  :class:`~torchdiffopt.linalg.elimination.TriangularElimination`). Every operation is
   a torch op, so ``backward``, ``jvp`` and every ``torch.func`` transform work. The solvers'
   points are refined batched too (:func:`refine_dense`): Newton steps with one batched LU of
   ``M`` at the solvers' points, whose factors then solve with ``M`` at the refined points by
@@ -41,6 +44,7 @@ import torch
 
 from ..errors import warn_degenerate
 from ..folding import is_transformed
+from ..linalg.elimination import TriangularElimination
 from ..linalg.factorization import DENSE_MAX_ORDER, DenseFactorization
 from .cones import project_rows, projection_derivative_blocks
 from .conic import newton_refine
@@ -178,6 +182,62 @@ class ResidualJacobians:
             M[~self.valid] = torch.eye(n + m, dtype=M.dtype, device=M.device)
         return M
 
+    def triangular_order(self):
+        """Orders of rows and columns that make every member's ``M`` block lower triangular
+        (:class:`~torchdiffopt.linalg.elimination.TriangularElimination`):
+        ``(rows, cols, k_F, k_L)``, or None where too few unknowns come out.
+
+        On a zero or nonnegative row ``i`` (``D`` diagonal there, ``D_ii`` 0 or 1):
+
+        * ``D_ii = 1`` and ``A_i`` with one nonzero ``A_ij`` (a bound on ``x_j``, active, or
+          an equality fixing it): row ``n + i`` of ``M`` is ``-A_ij e_j``, so it fixes
+          ``u_j`` (first), and column ``n + i`` is ``A_ij e_j``, so ``v_i`` is read off row
+          ``j`` (last) — where no other such row bounds ``x_j``;
+        * ``D_ii = 0`` (an inactive bound or inequality): column ``n + i`` is ``e_i``, so
+          ``v_i`` is read off its own row (last).
+
+        Every member eliminates as many as the fewest of the valid members can (the rest
+        stay in ``M_SS``: keeping an eliminable unknown there with its row is always
+        allowed); a failed member's identity keeps its natural order."""
+        A, D, valid, n = self.A, self.D, self.valid, self.n
+        if not bool(valid.any()):
+            return None
+        B, m = A.shape[:2]
+        N, device = n + m, A.device
+        diagonal = torch.ones(m, dtype=torch.bool, device=device)
+        for idx, _ in D.blocks:
+            diagonal[idx.reshape(-1)] = False
+        nonzero = A != 0
+        single = nonzero.sum(-1) == 1
+        column = nonzero.to(torch.int8).argmax(-1)  # (B, m): the single entry's column
+        bound = diagonal & single & (D.diag == 1)
+        bounds_per_column = torch.zeros(B, n, dtype=A.dtype, device=device).scatter_add(
+            1, column, bound.to(A.dtype))
+        pair = bound & (bounds_per_column.gather(1, column) == 1)
+        inactive = diagonal & (D.diag == 0)
+        k_pair, k_inactive = (int(mask[valid].sum(1).min()) for mask in (pair, inactive))
+        if 2 * k_pair + k_inactive < TRIANGULAR_MIN_FRACTION * N:
+            return None
+        first_marked = lambda mask, k: torch.argsort(  # noqa: E731
+            (~mask).to(torch.int8), dim=1, stable=True)[:, :k]
+        i_pair, i_inactive = first_marked(pair, k_pair), first_marked(inactive, k_inactive)
+        j_pair = column.gather(1, i_pair)
+        rows_F, cols_F = n + i_pair, j_pair
+        rows_L = torch.cat((j_pair, n + i_inactive), 1)
+        cols_L = torch.cat((n + i_pair, n + i_inactive), 1)
+
+        def order(first, last):
+            rest = torch.ones(B, N, dtype=torch.bool, device=device)
+            rest.scatter_(1, torch.cat((first, last), 1), False)
+            s = N - first.shape[1] - last.shape[1]
+            return torch.cat((first, first_marked(rest, s), last), 1)
+
+        natural = torch.arange(N, device=device).expand(B, N)
+        keep = valid[:, None]
+        rows = torch.where(keep, order(rows_F, rows_L), natural)
+        cols = torch.where(keep, order(cols_F, cols_L), natural)
+        return rows, cols, k_pair, k_pair + k_inactive
+
     @functools.cached_property
     def norm_bound(self) -> torch.Tensor:
         """An upper bound on every member's ``‖M‖∞`` (largest row sum of ``|M|``): ``(B,)``,
@@ -205,6 +265,12 @@ class ResidualJacobians:
         return torch.where(self.valid[:, None, None], torch.cat((top, bottom), -1), z)
 
 
+#: least share of the unknowns that :meth:`ResidualJacobians.triangular_order` must take
+#: out of the factorization to be used (the gathers cost ``O(N²)`` against the ``O(N³)``
+#: they save)
+TRIANGULAR_MIN_FRACTION = 0.1
+
+
 class _HeldDensely:
     """What the dense ways of holding ``M`` share: ``D`` (:class:`BlockDiagonalD`)."""
 
@@ -220,7 +286,14 @@ class DenseSystems(_HeldDensely):
 
     def __init__(self, jacobians: ResidualJacobians):
         self.D = jacobians.D
-        self._lu = DenseFactorization(jacobians.dense(), symmetric=False)
+        M = jacobians.dense()
+        order = jacobians.triangular_order()
+        self._lu = None if order is None else TriangularElimination(M, *order)
+        if self._lu is not None and bool((self._lu.singular & jacobians.valid).any()):
+            # a singular member's derivative is the pseudo-inverse of M itself
+            self._lu = None
+        if self._lu is None:
+            self._lu = DenseFactorization(M, symmetric=False)
         self.singular = self._lu.singular & jacobians.valid
 
     def solve(self, rhs, transpose: bool = False):

@@ -1,0 +1,180 @@
+"""TriangularElimination (linalg/elimination.py) and the orders that the conic backend finds
+for it (ResidualJacobians.triangular_order): solves against dense ones, member by member."""
+
+import numpy as np
+import pytest
+import torch
+
+import torchdiffopt as tdo
+from torchdiffopt.backends.batched_conic import (BlockDiagonalD, ConicPattern, DenseSystems,
+                                                 ResidualJacobians)
+from torchdiffopt.backends.cones import ConeDims
+from torchdiffopt.linalg.elimination import TriangularElimination
+from torchdiffopt.linalg.factorization import DenseFactorization
+
+F64 = torch.float64
+
+
+def dense_solve(M, rhs, transpose):
+    """``M⁻¹ rhs`` (``M⁻ᵀ``) for ``rhs (B, N, k)``, one member at a time."""
+    return torch.stack([torch.linalg.solve(Mb.mT if transpose else Mb, r)
+                        for Mb, r in zip(M, rhs)])
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_permuted_block_triangular_matrices_are_solved_exactly(transpose):
+    """Random ``M̃ = [[T_F, 0, 0], [M_SF, M_SS, 0], [M_LF, M_LS, T_L]]`` with diagonal
+    ``T``s, scattered into ``M`` by a random row and column order per member."""
+    g = torch.Generator().manual_seed(0)
+    B, N, k_F, k_L = 5, 12, 3, 4
+    s = N - k_F - k_L
+    Mt = torch.randn(B, N, N, generator=g, dtype=F64)
+    Mt[:, :k_F, k_F:] = 0.0
+    Mt[:, k_F:k_F + s, k_F + s:] = 0.0
+    for lo, size in ((0, k_F), (k_F + s, k_L)):
+        block = Mt[:, lo:lo + size, lo:lo + size]
+        block.copy_(torch.diag_embed(torch.rand(B, size, generator=g, dtype=F64) + 0.5))
+    Mt[:, k_F:k_F + s, k_F:k_F + s] += 4 * torch.eye(s, dtype=F64)
+    rows = torch.stack([torch.randperm(N, generator=g) for _ in range(B)])
+    cols = torch.stack([torch.randperm(N, generator=g) for _ in range(B)])
+    M = torch.empty_like(Mt)
+    for b in range(B):  # M[rows[b]][:, cols[b]] = M̃[b]
+        M[b][rows[b][:, None], cols[b][None, :]] = Mt[b]
+    lu = TriangularElimination(M, rows, cols, k_F, k_L)
+    assert not lu.singular.any()
+    rhs = torch.randn(B, N, 3, generator=g, dtype=F64)
+    torch.testing.assert_close(lu.solve(rhs, transpose), dense_solve(M, rhs, transpose),
+                               rtol=1e-12, atol=1e-12)
+
+
+# A program with bounds on x_0 … x_4 (unit rows of A: the elimination's pairs), a second
+# bound on x_0, two dense inequalities and a second-order cone, over 10 variables (at most
+# 9 active constraints: M is regular where no two active bounds fix the same variable)
+n, CONES = 10, {"z": 1, "l": 8, "q": [3]}
+m = ConeDims.from_dict(CONES).size
+
+
+def bounded_jacobians(V, valid, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B = V.shape[0]
+    A = torch.zeros(B, m, n, dtype=F64)
+    A[:, 0] = torch.randn(B, n, generator=g, dtype=F64)              # zero cone: dense row
+    A[:, 1:6, :5] = -torch.eye(5, dtype=F64) * (1 + torch.rand(B, 5, 1, generator=g, dtype=F64))
+    A[:, 6, 0] = 2.0                                                 # a second bound on x_0
+    A[:, 7:9] = torch.randn(B, 2, n, generator=g, dtype=F64)        # dense inequalities
+    A[:, 9:] = torch.randn(B, 3, n, generator=g, dtype=F64)         # second-order cone
+    L = torch.randn(B, n, n, generator=g, dtype=F64)
+    P = L @ L.mT + torch.eye(n, dtype=F64)
+    rows, cols = np.divmod(np.arange(n * n), n)
+    a_rows, a_cols = np.divmod(np.arange(m * n), n)
+    pattern = ConicPattern(n, m, a_rows, a_cols, rows, cols)
+    return ResidualJacobians.of_entries(pattern, P.reshape(B, -1), A.reshape(B, -1),
+                                        BlockDiagonalD.at(V, CONES, "cpu"), valid)
+
+
+def signed_points(signs):
+    """Points ``v`` whose nonnegative rows have the given signs (``D_ii = 1`` where
+    positive), a random zero row and cone block."""
+    rng = np.random.default_rng(3)
+    V = rng.normal(size=(len(signs), m))
+    V[:, 1:9] = np.abs(V[:, 1:9]) * np.asarray(signs)
+    return V
+
+
+def test_orders_of_residual_map_jacobians_are_triangular_and_solve_exactly():
+    # nonnegative rows 1-8: bounds on x_0 … x_4, a second bound on x_0, two dense rows
+    signs = [[1, 1, -1, 1, -1, 1, 1, -1],    # x_0's bounds both active: pairs x_1, x_3
+             [1, 1, 1, -1, 1, -1, -1, -1],   # pairs x_0, x_1, x_2, x_4
+             [-1, 1, 1, 1, 1, 1, -1, 1],     # pairs x_1 … x_4 and x_0 by its second bound
+             [1, -1, 1, 1, -1, -1, -1, -1]]  # a failed member
+    valid = torch.tensor([True, True, True, False])
+    J = bounded_jacobians(signed_points(signs), valid)
+    rows, cols, k_F, k_L = J.triangular_order()
+    # the fewest pairs (member 0's two) and inactive rows (member 2's two)
+    assert (k_F, k_L) == (2, 4)
+    M = J.dense()
+    for b in range(3):
+        Mt = M[b][rows[b][:, None], cols[b][None, :]]
+        assert Mt[:k_F, k_F:].abs().max() == 0
+        assert Mt[:-k_L, -k_L:].abs().max() == 0
+        for T in (Mt[:k_F, :k_F], Mt[-k_L:, -k_L:]):
+            assert (T - torch.diag(T.diagonal())).abs().max() == 0
+            assert T.diagonal().abs().min() > 0
+    assert 0 not in cols[0, :k_F].tolist()
+    assert torch.equal(rows[3], torch.arange(n + m)) and torch.equal(cols[3], rows[3])
+    assert DenseSystems(J).singular.tolist() == [True, False, False, False]
+    # member 0's M is singular (two active bounds fix x_0 twice): the whole matrix's
+    # pseudo-inverse serves the batch; without it the elimination does
+    assert isinstance(DenseSystems(J)._lu, DenseFactorization)
+    J = bounded_jacobians(signed_points(signs[1:]), valid[1:])
+    systems = DenseSystems(J)
+    assert isinstance(systems._lu, TriangularElimination)
+    rhs = torch.randn(3, 2, n + m, generator=torch.Generator().manual_seed(1), dtype=F64)
+    M = J.dense()
+    for transpose in (False, True):
+        torch.testing.assert_close(systems.solve(rhs, transpose),
+                                   dense_solve(M, rhs.mT, transpose).mT,
+                                   rtol=1e-11, atol=1e-11)
+
+
+def test_without_eliminable_unknowns_the_whole_matrix_is_factorized():
+    """Every nonnegative row active and dense (no bounds): nothing to eliminate (the cone's
+    point in the polar cone, ``D = 0`` there, keeps the 9 active rows regular)."""
+    V = signed_points([[1] * 8] * 2)
+    V[:, 9:] = [-2.0, 0.1, 0.1]
+    J = bounded_jacobians(V, torch.tensor([True, True]))
+    J.A[:, 1:7] = torch.randn(2, 6, n, generator=torch.Generator().manual_seed(2), dtype=F64)
+    assert J.triangular_order() is None
+    systems = DenseSystems(J)
+    assert isinstance(systems._lu, DenseFactorization)
+    rhs = torch.randn(2, 1, n + m, dtype=F64)
+    torch.testing.assert_close(systems.solve(rhs), dense_solve(J.dense(), rhs.mT, False).mT)
+
+
+def test_a_singular_member_falls_back_to_the_whole_matrix():
+    """Two identical active dense rows make ``M`` singular: the member is flagged, and the
+    solves are those of DenseFactorization (the pseudo-inverse)."""
+    V = signed_points([[1, 1, 1, -1, -1, -1, 1, 1]] * 2)
+    J = bounded_jacobians(V, torch.tensor([True, True]))
+    J.A[1, 8] = J.A[1, 7]  # rows n + 7, n + 8 of member 1's M: [-A_7, 0] twice
+    assert J.triangular_order() is not None
+    systems = DenseSystems(J)
+    assert isinstance(systems._lu, DenseFactorization)
+    assert systems.singular.tolist() == [False, True]
+
+
+def test_a_bounded_portfolio_layer_is_differentiated_through_the_elimination():
+    """A long-only portfolio (most bounds active): the layer's gradient against central
+    differences of its solution, with the derivative systems eliminated."""
+    rng = np.random.default_rng(0)
+    assets = 12
+    S = np.vstack((rng.normal(scale=0.1, size=(3, assets)),
+                   np.diag(rng.uniform(0.05, 0.2, assets))))
+    model = tdo.Model(solver="scs", backend="conic")
+    w = model.variable(assets, lb=0.0, name="w")
+    returns = model.parameter(np.zeros(assets), name="mu")
+    model.constraint(tdo.norm2(S @ w) <= 0.1)
+    model.constraint(w.sum() == 1)
+    model.maximize(returns @ w)
+    layer = tdo.Layer(model, parameters=[returns], outputs=w)
+    mu = torch.tensor(rng.normal(0.05, 0.1, size=(3, assets)), requires_grad=True)
+    weights = torch.tensor(rng.normal(size=(3, assets)))
+    used = []
+    original = TriangularElimination.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        used.append(self.sizes)
+    TriangularElimination.__init__ = spy
+    try:
+        (layer(mu) * weights).sum().backward()
+    finally:
+        TriangularElimination.__init__ = original
+    assert used and used[0][1] < 0.6 * sum(used[0])  # order 41 → 23 (W4's 157 → 73)
+    direction = torch.tensor(rng.normal(size=(3, assets)))
+    h = 1e-6
+    with torch.no_grad():
+        plus = (layer(mu + h * direction) * weights).sum()
+        minus = (layer(mu - h * direction) * weights).sum()
+    assert float((mu.grad * direction).sum()) == pytest.approx(
+        float(plus - minus) / (2 * h), rel=1e-5, abs=1e-7)
