@@ -270,6 +270,21 @@ def test_known_derivatives():
     np.testing.assert_allclose(J, np.diag([1.0, 0.0, 1.0]))
 
 
+def test_kinks_of_rows_are_the_kinks_of_each_row():
+    """kinks_rows against kinks row by row, on rows with kinks in every kind of cone (each
+    member with its own scale, hence its own tolerance) and random rows, primal and dual."""
+    cones = {"z": 1, "l": 2, "q": [3], "s": [2], "ep": 1, "ed": 1, "p": [0.3, -0.6]}
+    kinked = np.concatenate(([0.5], [0.0, 1.0], [1.0, 1.0, 0.0], C.svec(np.diag([1.0, 0.0])),
+                             [1.0, 1.0, math.e], [-1.0, -1.0, -math.e], [0.0, 0.0, 0.0],
+                             [0.0, 0.0, 0.0]))
+    rng = np.random.default_rng(4)
+    V = np.vstack((kinked, 100 * kinked, rng.normal(size=(3, len(kinked)))))
+    for dual in (False, True):
+        rows = C.kinks_rows(V, cones, dual)
+        assert rows == [C.kinks(v, cones, dual) for v in V]
+        assert rows[0]
+
+
 def test_kinks_are_reported():
     assert C.kinks([0.0, 1.0], {"l": 2}) == ["l[0]"]
     assert C.kinks([1.0, 1.0, 0.0, 2.0, 0.5, 0.5], {"q": [3, 3]}) == ["q[0]"]  # ‖x‖ = t

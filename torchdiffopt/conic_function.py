@@ -40,7 +40,7 @@ from .backends.batched_conic import (BatchedConicDerivative, ConicPattern, Spars
                                      warn_singular,
                                      refine_dense)
 from .backends.conic import ConicDerivative
-from .backends.cones import ConeDims, kinks, project_rows
+from .backends.cones import ConeDims, kinks_rows, project_rows
 from .errors import NonconvexError, warn_degenerate
 from .linalg.factorization import DENSE_MAX_ORDER
 from .folding import (accepts_batched_grads, derivative_under_transforms,
@@ -247,10 +247,11 @@ def _solve_batch(call: ConicCall, P_vals, c, A_vals, b, margins):
         z, systems = refine_dense(pt, st.dims, z, *data, valid, st.refine)
         v = z[:, pt.n:]
         y_all = project_rows(v, st.dims, dual=True)
+        kinked = kinks_rows(v, st.dims, dual=True)
         for j, mb in enumerate(members):
             if mb is not None:
                 mb.x, mb.y, mb.s = z[j, :pt.n], y_all[j], y_all[j] - v[j]
-                mb.kinks = kinks(v[j], st.dims, dual=True)
+                mb.kinks = kinked[j]
     else:
         systems = SparseSystems([mb and mb.derivative for mb in members], device)
     x, y, s = (np.zeros((B, size)) for size in (pt.n, pt.m, pt.m))

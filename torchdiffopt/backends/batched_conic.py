@@ -121,12 +121,28 @@ class BlockDiagonalD:
         return cls(tensor(diag), [(tensor(idx, torch.int64), tensor(mats))
                                   for idx, mats in blocks])
 
-    def right_of(self, X: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-        """``X D`` (``X Dᵀ`` with ``transpose``: the rows ``D xᵢ``) for ``X (B, r, m)``."""
-        out = X * self.diag[:, None, :]
+    def right_of(self, X: torch.Tensor, transpose: bool = False, out=None) -> torch.Tensor:
+        """``X D`` (``X Dᵀ`` with ``transpose``: the rows ``D xᵢ``) for ``X (B, r, m)``;
+        with ``out``, written into it (a view of a larger matrix), in place."""
+        parts = [(idx, torch.einsum("brkd,bkde->brke", X[..., idx],
+                                    mats.mT if transpose else mats)) for idx, mats in self.blocks]
+        if out is not None:
+            torch.mul(X, self.diag[:, None, :], out=out)
+            for idx, part in parts:
+                out[..., idx.reshape(-1)] = part.flatten(-2)
+            return out
+        product = X * self.diag[:, None, :]
+        for idx, part in parts:
+            product = product.index_copy(-1, idx.reshape(-1), part.flatten(-2))
+        return product
+
+    def identity_minus(self, out: torch.Tensor) -> torch.Tensor:
+        """``I - D`` written into ``out (B, m, m)`` (a view of a larger matrix)."""
+        out.zero_()
+        out.diagonal(dim1=-2, dim2=-1).copy_(1.0 - self.diag)
         for idx, mats in self.blocks:
-            part = torch.einsum("brkd,bkde->brke", X[..., idx], mats.mT if transpose else mats)
-            out = out.index_copy(-1, idx.reshape(-1), part.flatten(-2))
+            eye = torch.eye(idx.shape[-1], dtype=mats.dtype, device=mats.device)
+            out[:, idx[:, :, None], idx[:, None, :]] = eye - mats
         return out
 
     def row_abs_sums(self) -> torch.Tensor:
@@ -174,10 +190,9 @@ class ResidualJacobians:
         # 64 matrices of order 157: two concatenations and a select took 16 ms)
         M = A.new_empty(B, n + m, n + m)
         M[:, :n, :n] = self.P
-        M[:, :n, n:] = self.D.right_of(A.mT)
+        self.D.right_of(A.mT, out=M[:, :n, n:])
         torch.neg(A, out=M[:, n:, :n])
-        M[:, n:, n:] = -self.D.dense()
-        M[:, n:, n:].diagonal(dim1=-2, dim2=-1).add_(1.0)
+        self.D.identity_minus(out=M[:, n:, n:])
         if not bool(self.valid.all()):
             M[~self.valid] = torch.eye(n + m, dtype=M.dtype, device=M.device)
         return M

@@ -837,13 +837,13 @@ def projection_derivative(v, cones, dual: bool = False) -> ProjectionDerivative:
     return ProjectionDerivative(dims.size, diag, blocks)
 
 
-def _kinks_3d(W: np.ndarray, alpha, tol: float) -> np.ndarray:
+def _kinks_3d(W: np.ndarray, alpha, tol: np.ndarray) -> np.ndarray:
     """Rows of ``W`` near a kink of the projection onto the exponential cone (``alpha`` None)
-    or the power cones of ``alpha``: the applicable formula changes within ``tol``, or the
-    projection lies within ``tol`` of the cone's nonsmooth edge (``y = 0``, resp. ``x = 0``
-    or ``y = 0``), where the curvature of the boundary blows up."""
-    shifts = np.vstack((np.zeros(3), tol * np.eye(3), -tol * np.eye(3)))
-    pts = (W[:, None, :] + shifts[None]).reshape(-1, 3)
+    or the power cones of ``alpha``: the applicable formula changes within ``tol`` (one per
+    row), or the projection lies within ``tol`` of the cone's nonsmooth edge (``y = 0``,
+    resp. ``x = 0`` or ``y = 0``), where the curvature of the boundary blows up."""
+    steps = np.vstack((np.zeros(3), np.eye(3), -np.eye(3)))
+    pts = (W[:, None, :] + tol[:, None, None] * steps[None]).reshape(-1, 3)
     if alpha is None:
         case = _exp_case(pts).reshape(-1, 7)
         vp = _exp_parts(W)[0]
@@ -862,26 +862,38 @@ def kinks(v, cones, dual: bool = False, rtol: float = KINK_RTOL) -> list[str]:
     cones where strict complementarity fails (``y`` and ``s`` both on the boundary's
     nonsmooth part, e.g. an inequality with ``y_i = s_i = 0``)."""
     dims = ConeDims.from_dict(cones)
-    v = _check(v, dims)
-    tol = rtol * max(1.0, float(np.abs(v).max(initial=0.0)))
-    out = []
+    return kinks_rows(_check(v, dims)[None], dims, dual, rtol)[0]
+
+
+def kinks_rows(V, cones, dual: bool = False, rtol: float = KINK_RTOL) -> list[list[str]]:
+    """:func:`kinks` of every row of ``V (B, size)``, each cone group tested for the whole
+    batch at once."""
+    dims = ConeDims.from_dict(cones)
+    V = np.asarray(V, dtype=np.float64)
+    B = len(V)
+    tol = rtol * np.maximum(1.0, np.abs(V).max(axis=1, initial=0.0))  # (B,)
+    out: list[list[str]] = [[] for _ in range(B)]
     for g in _groups(dims, dual):
-        V = v[g.idx]
         if g.kind in ("zero", "free"):
             continue
+        W = V[:, g.idx]
         if g.kind == "nonneg":
-            out += [f"l[{i}]" for i in np.flatnonzero(np.abs(V) <= tol)]
+            for b, i in zip(*np.nonzero(np.abs(W) <= tol[:, None])):
+                out[b].append(f"l[{i}]")
             continue
+        flat = W.reshape(-1, W.shape[-1])
+        tol_flat = np.repeat(tol, W.shape[1])
         if g.kind == "soc":
-            bad = np.abs(np.linalg.norm(V[:, 1:], axis=1) - np.abs(V[:, 0])) <= tol
+            bad = np.abs(np.linalg.norm(flat[:, 1:], axis=1) - np.abs(flat[:, 0])) <= tol_flat
         elif g.kind == "psd":
-            bad = np.abs(np.linalg.eigvalsh(smat(V))).min(axis=1) <= tol
+            bad = np.abs(np.linalg.eigvalsh(smat(flat))).min(axis=1) <= tol_flat
         else:  # three-dimensional cones
-            W = V
+            group = _over_batch(g, B)
             if g.kind == "exp_dual":
-                W = -V
+                flat = -flat
             elif g.kind == "pow":
-                W = np.where((g.param < 0)[:, None], -V, V)
-            bad = _kinks_3d(W, np.abs(g.param) if g.kind == "pow" else None, tol)
-        out += [g.names[i] for i in np.flatnonzero(bad)]
+                flat = np.where((group.param < 0)[:, None], -flat, flat)
+            bad = _kinks_3d(flat, np.abs(group.param) if g.kind == "pow" else None, tol_flat)
+        for b, k in zip(*np.nonzero(bad.reshape(B, -1))):
+            out[b].append(g.names[k])
     return out
