@@ -139,7 +139,7 @@ SOBOLEV_TARGET, FLOOR_TARGET = 2.0, 2.0
 
 def default_method(results: list[Result]) -> Result | None:
     """The method a user gets without choosing: ``torchdiffopt[auto]`` where it ran, else
-    the first of ours that did (W4's conic layer: SCS, the conic default)."""
+    the first of ours that did."""
     ours = [r for r in results if r.kind == "ours" and r.status == "ok"]
     auto = [r for r in ours if r.method == "torchdiffopt[auto]"]
     return (auto or ours or [None])[0]

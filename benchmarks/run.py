@@ -162,8 +162,9 @@ def main(argv=None) -> int:
         print("\n".join(block), flush=True)
         lines += block
 
-    block = [] if args.quick else ["\n## Targets", "", "The default method (`solver=\"auto\"`; the conic layer's SCS for "
-             "W4) against each peer's faster variant; speedup = peer time / our time."]
+    block = [] if args.quick else ["\n## Targets", "", "The default method (`solver=\"auto\"`; for W4's conic "
+             "layer Clarabel) against each peer's faster variant; speedup = peer time / our "
+             "time."]
     if block:
         block += [""] + report.verdict_table(runs, sobolev_rows, floor_rows)
         block += ["", "Summary: the default method beside each peer's fastest variant "

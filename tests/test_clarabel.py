@@ -223,7 +223,7 @@ def test_layer_with_clarabel_matches_scs():
         results.append([o.detach() for o in outs] + list(torch.autograd.grad(loss, (c_t, h_t))))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, atol=1e-9, rtol=0)
-    with pytest.raises(ValueError, match="SCS.*Clarabel.*interior point"):
+    with pytest.raises(ValueError, match="Clarabel.*SCS.*interior point"):
         tdo.Layer(m, [c, h], x, solver="daqp")  # a QP solver: not one of the conic backend's
     q = tdo.quadratic_diff_model()
     z = q.variable(2)
@@ -248,3 +248,12 @@ def test_functional_conic_with_clarabel():
     f = lambda A, b, c: tdo.functional.conic(A, b, c, cones, return_duals=True,  # noqa: E731
                                              solver="clarabel")
     assert torch.autograd.gradcheck(f, inputs, check_forward_ad=True)
+
+
+def test_auto_is_clarabel_and_scs_where_clarabel_is_missing(monkeypatch):
+    import torchdiffopt.solvers as solvers
+    assert solvers.conic_solver("auto") is solvers.solve_clarabel_conic
+    assert solvers.conic_solver(None) is solvers.solve_clarabel_conic
+    monkeypatch.setattr(solvers, "find_spec", lambda name: None)
+    assert solvers.conic_solver("auto") is solvers.solve_scs_conic
+    assert solvers.conic_solver("scs") is solvers.solve_scs_conic

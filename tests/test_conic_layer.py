@@ -196,8 +196,9 @@ def test_inaccurate_solver_points_are_refused_for_the_batch_at_once():
     with pytest.raises(tdo.SolverError, match=r"batch member 0: SCS's point is not accurate "
                                                r"enough \(status .* after 5 iterations; "
                                                r"relative residuals primal"):
-        tdo.functional.conic(A, b, c, cones, solver_options={"max_iters": 5})
-    x = tdo.functional.conic(A, b, c, cones, solver_options={"max_iters": 20, "accept": 1e6})
+        tdo.functional.conic(A, b, c, cones, solver="scs", solver_options={"max_iters": 5})
+    x = tdo.functional.conic(A, b, c, cones, solver="scs",
+                             solver_options={"max_iters": 20, "accept": 1e6})
     torch.testing.assert_close(x, -c / c.norm(dim=1, keepdim=True))  # refined from there
 
 

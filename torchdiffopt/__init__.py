@@ -33,10 +33,11 @@ def quadratic_diff_model(solver: str | None = None) -> Model:
     return Model(solver=solver, backend="quadratic")
 
 
-def conic_diff_model(solver: str | None = "scs") -> Model:
-    """A model solved as a cone program by SCS (or Clarabel: ``solver="clarabel"``) and
-    differentiated through the residual map of its homogeneous self-dual embedding (cones,
-    norm atoms; LPs and QPs too)."""
+def conic_diff_model(solver: str | None = None) -> Model:
+    """A model solved as a cone program by Clarabel (None or ``"auto"``: Clarabel, SCS where
+    Clarabel is not installed; ``"scs"``, ``"clarabel"``, ``"ipm"``) and differentiated
+    through the residual map of its homogeneous self-dual embedding (cones, norm atoms;
+    LPs and QPs too)."""
     return Model(solver=solver, backend="conic")
 
 

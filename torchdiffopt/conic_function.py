@@ -350,7 +350,8 @@ def conic_lagrangian(pattern: ConicPattern, values, x, y) -> torch.Tensor:
 
 
 def conic(A, b, c, cones, *, P=None, return_duals: bool = False, refine: bool = True,
-          solver: str = "scs", solver_options: dict | None = None, n_jobs: int | None = None):
+          solver: str | None = None, solver_options: dict | None = None,
+          n_jobs: int | None = None):
     """Solve and differentiate ``min ½ xᵀPx + cᵀx  s.t.  A x + s = b,  s ∈ K``.
 
     ``A (m, n)``, ``b (m,)``, ``c (n,)`` and optionally ``P (n, n)`` (symmetric positive
@@ -367,8 +368,9 @@ def conic(A, b, c, cones, *, P=None, return_duals: bool = False, refine: bool = 
     CPU count), and the derivatives of the whole batch come from one batched factorization
     (:class:`ConicSolve`).
 
-    ``solver`` is ``"scs"`` (or ``"auto"``), ``"clarabel"`` (an optional dependency; its
-    answer is translated to SCS's conventions) or ``"ipm"`` (the batched torch interior
+    ``solver`` is ``"clarabel"`` (also for None or ``"auto"``; its answer is translated to
+    SCS's conventions; where Clarabel is not installed ``"auto"`` means SCS), ``"scs"`` or
+    ``"ipm"`` (the batched torch interior
     point of :mod:`~torchdiffopt.solvers.conic_ipm`: zero, nonnegative and second-order
     cones; the batch in one call on the data's device). ``refine`` polishes the solver's point by
     Newton steps on the optimality conditions before differentiating (the returned solution

@@ -3,7 +3,8 @@
 ``max μᵀw  s.t.  ‖S w‖₂ ≤ σ, 1ᵀw = 1, w ≥ 0`` with 50 assets, a factor-model risk
 ``S = [Fᵀ; diag(d)]`` and the expected returns ``μ`` a batched parameter (batch 64). Ours is
 a :class:`~torchdiffopt.Layer` over the model with ``backend="conic"``, one method per conic
-solver (SCS, and Clarabel where installed). The reference is the same layer with SCS, whose
+solver (the default ``"auto"``, which is Clarabel, and SCS, Clarabel and the batched interior
+point by name). The reference is the same layer with SCS, whose
 points the conic backend refines by Newton steps on the residual map to ~1e-15 and checks by
 their residuals; finite differences are differences of that reference. Because that is our
 own code, the reference is checked against an independent solve where cvxpy is installed
@@ -23,7 +24,7 @@ from workloads.common import ours_methods
 
 ASSETS, FACTORS, SIGMA = 50, 5, 0.1
 FULL_BATCH, QUICK_BATCH = 64, 4
-CONIC_SOLVERS = ("scs", "clarabel", "ipm")
+CONIC_SOLVERS = ("auto", "scs", "clarabel", "ipm")  # "auto": the default, Clarabel
 
 
 def _layer(S: np.ndarray, solver: str) -> tdo.Layer:

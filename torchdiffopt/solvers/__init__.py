@@ -3,6 +3,8 @@
 :class:`~.cone_program.ConicSolution`, or raises a named
 :class:`~torchdiffopt.errors.SolverError`."""
 
+from importlib.util import find_spec
+
 from .clarabel_conic import ClarabelSequence, require_clarabel, solve_clarabel_conic
 from .cone_program import ConicSolution
 from .conic_ipm import solve_conic_ipm, solve_ipm_conic
@@ -41,14 +43,22 @@ def qp_solver(name: str, problem: NumericQP | None = None):
 
 
 def conic_solver(name: str | None):
-    """The conic solver called ``name``: ``"scs"`` (also for None or ``"auto"``),
-    ``"clarabel"`` (an ImportError saying how to install it when it is missing) or ``"ipm"``
-    (the batched torch interior point of :mod:`.conic_ipm`: zero, nonnegative and
-    second-order cones, CPU or CUDA)."""
-    key = "scs" if name in (None, "auto") else str(name).lower()
+    """The conic solver called ``name``: ``"clarabel"`` (an ImportError saying how to
+    install it when it is missing), ``"scs"`` or ``"ipm"`` (the batched torch interior point
+    of :mod:`.conic_ipm`: zero, nonnegative and second-order cones, CPU or CUDA). ``"auto"``
+    (or None) is Clarabel, a dependency of the package, and SCS where it is not installed:
+    an interior point's answers are accurate to about 1e-8 where SCS's first-order ones
+    reach 1e-4 to 1e-6, so the Newton refinement and the derivatives start closer, and on
+    the small and medium programs of a layer it is also the faster (benchmark W4, 64
+    portfolios: 64 against 98 ms forward and backward; cvxpy's default for the same
+    reason)."""
+    if name in (None, "auto"):
+        key = "clarabel" if find_spec("clarabel") is not None else "scs"
+    else:
+        key = str(name).lower()
     if key not in CONIC_SOLVERS:
-        raise ValueError(f"the conic backend solves with SCS ('scs' or 'auto'), Clarabel "
-                         f"('clarabel') or its batched interior point ('ipm'), got "
+        raise ValueError(f"the conic backend solves with Clarabel ('clarabel' or 'auto'), "
+                         f"SCS ('scs') or its batched interior point ('ipm'), got "
                          f"solver={name!r}")
     if key == "clarabel":
         require_clarabel()
