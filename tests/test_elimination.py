@@ -178,3 +178,23 @@ def test_a_bounded_portfolio_layer_is_differentiated_through_the_elimination():
         minus = (layer(mu - h * direction) * weights).sum()
     assert float((mu.grad * direction).sum()) == pytest.approx(
         float(plus - minus) / (2 * h), rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("cones", [{"z": 1, "l": 2, "q": [3, 3]},          # one run of two cones
+                                   {"l": 1, "q": [3, 4, 3, 3], "s": [2]}])  # 3s not in one run
+def test_blocks_of_M_written_in_place_match_the_dense_D(cones):
+    """``I - D`` and ``X D`` written into views of a larger matrix (M's assembly) against
+    the dense ``D``, for cone groups whose rows form one run and for groups that do not."""
+    size = ConeDims.from_dict(cones).size
+    V = np.random.default_rng(5).normal(size=(3, size))
+    D = BlockDiagonalD.at(V, cones, "cpu")
+    dense = D.dense()
+    big = torch.full((3, size + 2, size + 4), 7.0, dtype=F64)
+    D.identity_minus(out=big[:, 1:-1, 2:-2])
+    torch.testing.assert_close(big[:, 1:-1, 2:-2], torch.eye(size, dtype=F64) - dense)
+    assert (big[:, 0] == 7).all() and (big[:, :, :2] == 7).all()
+    X = torch.randn(3, 4, size, dtype=F64)
+    out = torch.zeros(3, 4, size + 3, dtype=F64)
+    D.right_of(X, out=out[..., 3:])
+    torch.testing.assert_close(out[..., 3:], X @ dense)
+    torch.testing.assert_close(D.right_of(X, transpose=True), X @ dense.mT)

@@ -112,6 +112,9 @@ class BlockDiagonalD:
 
     def __init__(self, diag: torch.Tensor, blocks: list):
         self.diag, self.blocks = diag, blocks
+        # each group's rows as a slice where they are one run (same-size cones side by
+        # side, the common case): slices write blocks 2-3× faster than index lists
+        self._spans = [_run(idx) for idx, _ in blocks]
 
     @classmethod
     def at(cls, V: np.ndarray, dims, device) -> "BlockDiagonalD":
@@ -128,8 +131,8 @@ class BlockDiagonalD:
                                     mats.mT if transpose else mats)) for idx, mats in self.blocks]
         if out is not None:
             torch.mul(X, self.diag[:, None, :], out=out)
-            for idx, part in parts:
-                out[..., idx.reshape(-1)] = part.flatten(-2)
+            for (idx, part), span in zip(parts, self._spans):
+                out[..., span if span is not None else idx.reshape(-1)] = part.flatten(-2)
             return out
         product = X * self.diag[:, None, :]
         for idx, part in parts:
@@ -140,9 +143,14 @@ class BlockDiagonalD:
         """``I - D`` written into ``out (B, m, m)`` (a view of a larger matrix)."""
         out.zero_()
         out.diagonal(dim1=-2, dim2=-1).copy_(1.0 - self.diag)
-        for idx, mats in self.blocks:
-            eye = torch.eye(idx.shape[-1], dtype=mats.dtype, device=mats.device)
-            out[:, idx[:, :, None], idx[:, None, :]] = eye - mats
+        for (idx, mats), span in zip(self.blocks, self._spans):
+            k, d = idx.shape
+            blocks = torch.eye(d, dtype=mats.dtype, device=mats.device) - mats  # (B, k, d, d)
+            if span is None:
+                out[:, idx[:, :, None], idx[:, None, :]] = blocks
+            else:  # the k diagonal (d, d) blocks of the run, as a view
+                run = out[:, span, span].unflatten(1, (k, d)).unflatten(3, (k, d))
+                run.diagonal(dim1=1, dim2=3).copy_(blocks.permute(0, 2, 3, 1))
         return out
 
     def row_abs_sums(self) -> torch.Tensor:
@@ -158,6 +166,14 @@ class BlockDiagonalD:
         for idx, mats in self.blocks:
             D[:, idx[:, :, None], idx[:, None, :]] = mats
         return D
+
+
+def _run(idx: torch.Tensor) -> slice | None:
+    """``slice(lo, lo + len)`` where the flattened ``idx`` is ``lo, lo + 1, …``, else None."""
+    flat = idx.reshape(-1).cpu()
+    lo = int(flat[0]) if len(flat) else 0
+    return slice(lo, lo + len(flat)) if torch.equal(flat, torch.arange(lo, lo + len(flat))) \
+        else None
 
 
 class ResidualJacobians:
