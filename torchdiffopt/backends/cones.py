@@ -262,20 +262,23 @@ def _soc_project(V: np.ndarray) -> np.ndarray:
 
 
 def _soc_derivative(V: np.ndarray) -> np.ndarray:
+    """``(k, d, d)``: ``I`` inside the cone (``‖x‖ ≤ t``), ``0`` inside its polar
+    (``‖x‖ ≤ -t``), and between them ``½[[1, x̂ᵀ], [x̂, (1 + τ)I - τ x̂x̂ᵀ]]`` with
+    ``x̂ = x/‖x‖``, ``τ = t/‖x‖`` (written for every row, then overwritten where the point
+    is inside either cone: one array, no masked copies)."""
     k, d = V.shape
     t, x = V[:, 0], V[:, 1:]
     nx = np.linalg.norm(x, axis=1)
-    D = np.zeros((k, d, d))
-    D[nx <= t] = np.eye(d)
-    mid = nx > np.abs(t)
-    xh = x[mid] / nx[mid, None]
-    tau = (t[mid] / nx[mid])[:, None, None]
-    Dm = np.empty((len(xh), d, d))
-    Dm[:, 0, 0] = 1.0
-    Dm[:, 0, 1:] = xh
-    Dm[:, 1:, 0] = xh
-    Dm[:, 1:, 1:] = (1.0 + tau) * np.eye(d - 1) - tau * xh[:, :, None] * xh[:, None, :]
-    D[mid] = 0.5 * Dm
+    safe = np.where(nx > 0, nx, 1.0)
+    xh, tau = x / safe[:, None], t / safe
+    D = np.empty((k, d, d))
+    D[:, 0, 0] = 0.5
+    D[:, 0, 1:] = D[:, 1:, 0] = 0.5 * xh
+    np.multiply((-0.5 * tau)[:, None, None] * xh[:, :, None], xh[:, None, :], out=D[:, 1:, 1:])
+    diagonal = np.arange(1, d)
+    D[:, diagonal, diagonal] += (0.5 * (1.0 + tau))[:, None]
+    D[nx <= -t] = 0.0
+    D[nx <= t] = np.eye(d)  # (the origin, in both, takes I)
     return D
 
 
