@@ -7,6 +7,11 @@ constraint rows) of each W1 and W2 case, one batched ``torch.linalg.lu_factor_ex
 backward time over each. torchdiffopt factorizes during the forward pass (the solution is
 polished with the same factorization), so its backward is to be compared with the solve
 alone; the factorization + solve is the floor for a backward that factorizes itself.
+
+The batched LU is the package's (``linalg.factorization._lu_factor``): torch 2.13's MKL
+build factors batches of order ≥ about 150 wrongly or hangs once the thread count has been
+set (W1 at n = 100: order 200), and that function factors such batches one matrix at a
+time, as the backends do.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import statistics
 import time
 
 import torch
+
+from torchdiffopt.linalg.factorization import _lu_factor
 
 
 def _median_time(fn, reps):
@@ -33,10 +40,10 @@ def floor_times(batch: int, order: int, reps: int, seed: int = 0):
     A = torch.randn(batch, order, order, dtype=torch.float64, generator=gen)
     K = A + A.transpose(-1, -2) + 2 * order * torch.eye(order, dtype=torch.float64)
     rhs = torch.randn(batch, order, 1, dtype=torch.float64, generator=gen)
-    LU, pivots, _ = torch.linalg.lu_factor_ex(K)
+    LU, pivots, _ = _lu_factor(K)
 
     def factor_solve():
-        lu, piv, _ = torch.linalg.lu_factor_ex(K)
+        lu, piv, _ = _lu_factor(K)
         return torch.linalg.lu_solve(lu, piv, rhs)
 
     return (_median_time(factor_solve, reps),
