@@ -45,7 +45,7 @@ import torch
 from ..errors import warn_degenerate
 from ..folding import is_transformed
 from ..linalg.elimination import TriangularElimination
-from ..linalg.factorization import DENSE_MAX_ORDER, DenseFactorization
+from ..linalg.factorization import DENSE_MAX_ORDER, DenseFactorization, slots
 from .cones import project_rows, projection_derivative_blocks
 from .conic import newton_refine
 
@@ -249,8 +249,7 @@ class ResidualJacobians:
         k_pair, k_inactive = (int(mask[valid].sum(1).min()) for mask in (pair, inactive))
         if 2 * k_pair + k_inactive < TRIANGULAR_MIN_FRACTION * N:
             return None
-        first_marked = lambda mask, k: torch.argsort(  # noqa: E731
-            (~mask).to(torch.int8), dim=1, stable=True)[:, :k]
+        first_marked = lambda mask, k: slots(mask)[0][:, :k]  # noqa: E731  (in order)
         i_pair, i_inactive = first_marked(pair, k_pair), first_marked(inactive, k_inactive)
         j_pair = column.gather(1, i_pair)
         rows_F, cols_F = n + i_pair, j_pair
