@@ -211,9 +211,10 @@ def _solve_batch(call: ConicCall, P_vals, c, A_vals, b, margins):
     B, device = c.shape[0], c.device
     arrays = [t.detach().cpu().to(_F64).numpy() for t in (P_vals, c, A_vals, b, margins)]
     status, errors, todo = ["optimal"] * B, {}, []
+    finite = np.logical_and.reduce([np.isfinite(a.reshape(B, -1)).all(1) for a in arrays[:4]])
     for j in range(B):
         err = None if st.nonconvex_error is None else st.nonconvex_error(arrays[4][j])
-        if not all(np.isfinite(a[j]).all() for a in arrays[:4]):
+        if not finite[j]:
             status[j], errors[j] = "invalid_data", ValueError("the problem data contain NaN or inf")
         elif err is not None:
             status[j], errors[j] = "nonconvex", err
