@@ -127,17 +127,13 @@ class BlockDiagonalD:
     def right_of(self, X: torch.Tensor, transpose: bool = False, out=None) -> torch.Tensor:
         """``X D`` (``X Dᵀ`` with ``transpose``: the rows ``D xᵢ``) for ``X (B, r, m)``;
         with ``out``, written into it (a view of a larger matrix), in place."""
-        parts = [(idx, torch.einsum("brkd,bkde->brke", X[..., idx],
-                                    mats.mT if transpose else mats)) for idx, mats in self.blocks]
-        if out is not None:
+        parts = [torch.einsum("brkd,bkde->brke", X[..., idx], mats.mT if transpose else mats)
+                 for idx, mats in self.blocks]
+        out = X * self.diag[:, None, :] if out is None else \
             torch.mul(X, self.diag[:, None, :], out=out)
-            for (idx, part), span in zip(parts, self._spans):
-                out[..., span if span is not None else idx.reshape(-1)] = part.flatten(-2)
-            return out
-        product = X * self.diag[:, None, :]
-        for idx, part in parts:
-            product = product.index_copy(-1, idx.reshape(-1), part.flatten(-2))
-        return product
+        for (idx, _), span, part in zip(self.blocks, self._spans, parts):
+            out[..., span if span is not None else idx.reshape(-1)] = part.flatten(-2)
+        return out
 
     def identity_minus(self, out: torch.Tensor) -> torch.Tensor:
         """``I - D`` written into ``out (B, m, m)`` (a view of a larger matrix)."""
@@ -159,13 +155,6 @@ class BlockDiagonalD:
         for idx, mats in self.blocks:
             out = out.index_copy(-1, idx.reshape(-1), mats.abs().sum(-1).flatten(-2))
         return out
-
-    def dense(self) -> torch.Tensor:
-        """``(B, m, m)``."""
-        D = torch.diag_embed(self.diag)
-        for idx, mats in self.blocks:
-            D[:, idx[:, :, None], idx[:, None, :]] = mats
-        return D
 
 
 def _run(idx: torch.Tensor) -> slice | None:

@@ -66,5 +66,5 @@ def conic_solver(name: str | None):
 
 
 __all__ = ["BATCHED_CONIC_SOLVERS", "SEQUENCED_CONIC_SOLVERS", "ConicSolution", "NumericQP",
-           "Solution", "conic_solver", "qp_solver", "solve_clarabel_conic", "solve_conic_ipm", "solve_daqp_qp", "solve_highs",
-           "solve_ipm_conic", "solve_scs", "solve_scs_conic"]
+           "Solution", "conic_solver", "qp_solver", "solve_clarabel_conic", "solve_conic_ipm",
+           "solve_daqp_qp", "solve_highs", "solve_ipm_conic", "solve_scs", "solve_scs_conic"]
