@@ -72,6 +72,12 @@ def bounded_jacobians(V, valid, seed=0):
                                         BlockDiagonalD.at(V, CONES, "cpu"), valid)
 
 
+def changed(J: ResidualJacobians) -> ResidualJacobians:
+    """``J`` after its dense ``A`` was edited in place (what was read off its entries, the
+    rows with a single nonzero, is read off the dense ``A`` again)."""
+    return ResidualJacobians(J.P, J.A, J.D, J.valid)
+
+
 def signed_points(signs):
     """Points ``v`` whose nonnegative rows have the given signs (``D_ii = 1`` where
     positive), a random zero row and cone block."""
@@ -124,6 +130,7 @@ def test_without_eliminable_unknowns_the_whole_matrix_is_factorized():
     V[:, 9:] = [-2.0, 0.1, 0.1]
     J = bounded_jacobians(V, torch.tensor([True, True]))
     J.A[:, 1:7] = torch.randn(2, 6, n, generator=torch.Generator().manual_seed(2), dtype=F64)
+    J = changed(J)
     assert J.triangular_order() is None
     systems = DenseSystems(J)
     assert isinstance(systems._lu, DenseFactorization)
@@ -137,6 +144,7 @@ def test_a_singular_member_falls_back_to_the_whole_matrix():
     V = signed_points([[1, 1, 1, -1, -1, -1, 1, 1]] * 2)
     J = bounded_jacobians(V, torch.tensor([True, True]))
     J.A[1, 8] = J.A[1, 7]  # rows n + 7, n + 8 of member 1's M: [-A_7, 0] twice
+    J = changed(J)
     assert J.triangular_order() is not None
     systems = DenseSystems(J)
     assert isinstance(systems._lu, DenseFactorization)
@@ -220,3 +228,22 @@ def test_blocks_of_M_written_in_place_match_the_dense_D(cones):
     D.right_of(X, out=out[..., 3:])
     torch.testing.assert_close(out[..., 3:], X @ dense)
     torch.testing.assert_close(D.right_of(X, transpose=True), X @ dense.mT)
+
+
+def test_single_entries_from_the_entries_match_the_dense_matrix():
+    """``ConicPattern.single_entries`` on stored entries, with repeated pairs (two that
+    cancel, two that add up) and explicit zeros, against the rows of the dense ``A``."""
+    # rows: 0 one entry; 1 two entries that cancel at (1, 2) and one at (1, 0); 2 two
+    # entries; 3 an explicit zero only; 4 two entries adding up at (4, 3)
+    rows = np.array([0, 1, 1, 1, 2, 2, 3, 4, 4])
+    cols = np.array([1, 2, 2, 0, 0, 3, 1, 3, 3])
+    vals = torch.tensor([[2.0, 1.0, -1.0, 5.0, 1.0, 1.0, 0.0, 1.0, 2.0],
+                         [0.0, 1.0, 1.0, 0.0, 0.0, 4.0, 3.0, 1.0, -1.0]], dtype=F64)
+    pattern = ConicPattern(4, 5, rows, cols, [], [])
+    single, column = pattern.single_entries(vals)
+    A = pattern.dense_matrix(vals, "A_rows", "A_cols", (5, 4))
+    J = ResidualJacobians(torch.zeros(2, 4, 4, dtype=F64), A, None, torch.ones(2, dtype=bool))
+    want_single, want_column = J.single_entries
+    assert single.tolist() == [[True, True, False, False, True], [False, True, True, True, False]]
+    assert torch.equal(single, want_single) and torch.equal(column, want_column)
+    assert column.tolist() == [[1, 0, 0, 0, 3], [0, 2, 3, 1, 0]]

@@ -159,14 +159,18 @@ def _check_together(st: ConicStructure, todo: list, outcomes: list, P_vals, c, A
     if not solved:
         return outcomes
     pt, idx = st.pattern, [todo[k] for k in solved]
-    A = pt.dense_matrix(torch.from_numpy(A_vals[idx]), "A_rows", "A_cols", (pt.m, pt.n)).numpy()
     x, y, s = (np.stack([getattr(outcomes[k], name) for k in solved]) for name in "xys")
+    # the products on the stored entries (O(nnz) per member, not O(m n))
+    A = torch.from_numpy(A_vals[idx])
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    Ax = pt.matvec(A, "A_rows", "A_cols", xt, pt.m).numpy()
+    Aty = pt.matvec(A, "A_cols", "A_rows", yt, pt.n).numpy()
     Px = np.zeros_like(x)
     if len(pt.P_rows):
-        P = pt.dense_matrix(torch.from_numpy(P_vals[idx]), "P_rows", "P_cols", (pt.n, pt.n))
-        Px = np.einsum("kij,kj->ki", 0.5 * (P + P.mT).numpy(), x)
-    rows = residual_rows(np.einsum("kij,kj->ki", A, x), np.einsum("kij,ki->kj", A, y), Px,
-                         b[idx], c[idx], x, y, s, st.dims)
+        P = torch.from_numpy(P_vals[idx])
+        Px = 0.5 * (pt.matvec(P, "P_rows", "P_cols", xt, pt.n)
+                    + pt.matvec(P, "P_cols", "P_rows", xt, pt.n)).numpy()
+    rows = residual_rows(Ax, Aty, Px, b[idx], c[idx], x, y, s, st.dims)
     out = list(outcomes)
     for i, k in enumerate(solved):
         sol = outcomes[k].solution

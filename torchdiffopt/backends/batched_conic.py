@@ -63,6 +63,7 @@ class ConicPattern:
         self._index = {name: torch.as_tensor(getattr(self, name)) for name in
                        ("A_rows", "A_cols", "P_rows", "P_cols")}
         self._csc_layouts: dict = {}
+        self._positions = None  # A's distinct (row, col) pairs, for single_entries
 
     @property
     def dense(self) -> bool:
@@ -94,6 +95,25 @@ class ConicPattern:
         where, indices, indptr, shape = layout
         data = np.bincount(where, weights=vals, minlength=len(indices))
         return sp.csc_matrix((data, indices, indptr), shape=shape)
+
+    def single_entries(self, A_vals) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(single, column)``, both ``(B, m)``, of the batch's ``A`` from its entries
+        ``A_vals (B, nnz)``: whether row ``i`` has exactly one nonzero (repeated pairs
+        added first, so entries that cancel count as zero), and that nonzero's column
+        where it has, 0 elsewhere."""
+        if self._positions is None:
+            keys, where = np.unique(self.A_rows * self.n + self.A_cols, return_inverse=True)
+            self._positions = tuple(torch.as_tensor(a) for a in
+                                    (where.reshape(-1), keys // self.n, keys % self.n))
+        where, rows, cols = (t.to(A_vals.device) for t in self._positions)
+        B = A_vals.shape[0]
+        nonzero = A_vals.new_zeros(B, len(rows)).index_add(1, where, A_vals) != 0
+        count = torch.zeros(B, self.m, dtype=torch.int64, device=A_vals.device)
+        count.index_add_(1, rows, nonzero.to(torch.int64))
+        # the column of a row's one nonzero is the sum of its nonzeros' columns
+        column = torch.zeros_like(count).index_add_(1, rows, nonzero * cols)
+        single = count == 1
+        return single, torch.where(single, column, 0)
 
     def dense_matrix(self, vals, rows: str, cols: str, shape) -> torch.Tensor:
         """``(B, nnz) → (B, *shape)``, repeated entries added."""
@@ -172,8 +192,10 @@ class ResidualJacobians:
     and ``Mᵀ`` are taken from the parts; the dense ``(B, n + m, n + m)`` is formed only to
     be factorized."""
 
-    def __init__(self, P, A, D: BlockDiagonalD, valid):
+    def __init__(self, P, A, D: BlockDiagonalD, valid, single_entries=None):
         self.P, self.A, self.D, self.valid, self.n = P, A, D, valid, P.shape[-1]
+        if single_entries is not None:
+            self.single_entries = single_entries
 
     @classmethod
     def of_entries(cls, pattern: ConicPattern, P_vals, A_vals, D: BlockDiagonalD, valid):
@@ -181,11 +203,22 @@ class ResidualJacobians:
         n, m = pattern.n, pattern.m
         P = pattern.dense_matrix(P_vals, "P_rows", "P_cols", (n, n))
         A = pattern.dense_matrix(A_vals, "A_rows", "A_cols", (m, n))
-        return cls(0.5 * (P + P.transpose(-1, -2)), A, D, valid)
+        return cls(0.5 * (P + P.transpose(-1, -2)), A, D, valid,
+                   pattern.single_entries(A_vals))
 
     def at(self, D: BlockDiagonalD) -> "ResidualJacobians":
         """The same programs' Jacobians with ``D`` taken at other points."""
-        return ResidualJacobians(self.P, self.A, D, self.valid)
+        return ResidualJacobians(self.P, self.A, D, self.valid, self.single_entries)
+
+    @functools.cached_property
+    def single_entries(self):
+        """``(single, column)``, both ``(B, m)``: whether row ``i`` of ``A`` has exactly
+        one nonzero, and that nonzero's column where it has, 0 elsewhere (from the dense
+        ``A``; built from entries, :meth:`ConicPattern.single_entries` gives it at
+        ``O(nnz)``)."""
+        nonzero = self.A != 0
+        single = nonzero.sum(-1) == 1
+        return single, torch.where(single, nonzero.to(torch.int8).argmax(-1), 0)
 
     def dense(self) -> torch.Tensor:
         """``M (B, n + m, n + m)``."""
@@ -227,9 +260,7 @@ class ResidualJacobians:
         diagonal = torch.ones(m, dtype=torch.bool, device=device)
         for idx, _ in D.blocks:
             diagonal[idx.reshape(-1)] = False
-        nonzero = A != 0
-        single = nonzero.sum(-1) == 1
-        column = nonzero.to(torch.int8).argmax(-1)  # (B, m): the single entry's column
+        single, column = self.single_entries
         bound = diagonal & single & (D.diag == 1)
         bounds_per_column = torch.zeros(B, n, dtype=A.dtype, device=device).scatter_add(
             1, column, bound.to(A.dtype))
