@@ -18,6 +18,7 @@ import torch
 import torchdiffopt as tdo
 from test_conic import RANDOM, direction, finite_difference, random_program, solve
 from torchdiffopt.backends import cones as C
+from torchdiffopt.backends.batched_conic import ConicPattern
 from torchdiffopt.errors import InfeasibleError, NonconvexError, SolverError, UnboundedError
 from torchdiffopt.pipelines import ConicPipeline, pipeline_for
 from torchdiffopt.solvers.clarabel_conic import ClarabelSequence, solve_clarabel_conic
@@ -167,6 +168,64 @@ def test_a_sequence_updates_one_solver_and_agrees_with_fresh_solves():
     sparser[1, 0] = 0.0
     seq.solve(sparser, base["b"], base["c"], base["P"])  # another pattern: a new solver
     assert seq._solver is not solvers[0]
+
+
+def test_entries_of_a_batch_agree_with_one_by_one_and_keep_failures_apart():
+    """``solve_entries`` on one pattern: each member's answer is the one
+    ``solve_clarabel_conic`` gives it; an infeasible member in between is its own
+    InfeasibleError and the members after it are solved. ``P`` is stored with both
+    off-diagonal entries and a repeated diagonal one, as the conic backend's patterns may
+    be: its CSC entries for Clarabel are the upper triangle of ``½(P + Pᵀ)``."""
+    rng = np.random.default_rng(4)
+    cones = {"z": 1, "l": 2, "q": [3]}
+    # x₁ + x₂ = t, x ≥ 0, ‖x‖ ≤ r: infeasible for t < 0
+    A = np.array([[1.0, 1.0], [-1.0, 0.0], [0.0, -1.0], [0.0, 0.0], [-1.0, 0.0], [0.0, -1.0]])
+    B = 5
+    b = np.zeros((B, 6))
+    b[:, 0], b[:, 3] = rng.uniform(0.2, 1.0, B), 2.0
+    b[2, 0] = -1.0
+    c = rng.normal(size=(B, 2))
+    P_rows, P_cols = np.array([0, 0, 1, 1, 0]), np.array([0, 1, 0, 1, 0])
+    P_vals = np.column_stack([rng.uniform(1, 2, B), rng.uniform(-0.3, 0.3, B),
+                              rng.uniform(-0.3, 0.3, B), rng.uniform(1, 2, B),
+                              rng.uniform(0, 1, B)])
+    A_rows, A_cols = np.nonzero(A)
+    pattern = ConicPattern(2, 6, A_rows, A_cols, P_rows, P_cols)
+    A_vals = np.tile(A[A_rows, A_cols], (B, 1))
+    A_csc, A_data = pattern.csc_entries(A_vals, "A")
+    P_csc, P_data = pattern.csc_entries(P_vals, "P_upper")
+    got = ClarabelSequence(cones).solve_entries(A_csc, A_data, b, c, P_csc, P_data)
+    for k in range(B):
+        P = np.zeros((2, 2))
+        np.add.at(P, (P_rows, P_cols), P_vals[k])
+        if k == 2:
+            assert isinstance(got[k], InfeasibleError)
+            with pytest.raises(InfeasibleError):
+                solve_clarabel_conic(A, b[k], c[k], cones, P)
+            continue
+        want = solve_clarabel_conic(A, b[k], c[k], cones, P)
+        for name in "xys":
+            np.testing.assert_allclose(getattr(got[k], name), getattr(want, name), atol=1e-9)
+    assert not ClarabelSequence.takes_entries({"l": 1, "s": [2]})
+    with pytest.raises(ValueError, match="solve_entries takes"):
+        ClarabelSequence({"l": 1, "ep": 1, "ed": 1}).solve_entries(A_csc, A_data, b, c)
+
+
+def test_functional_conic_with_clarabel_reports_an_indefinite_member_alone():
+    """A batch through ``functional.conic`` (Clarabel, by entries): a member whose ``P`` is
+    indefinite fails as nonconvex, and the others keep SCS's answers."""
+    cones = {"l": 4}
+    A = torch.cat((torch.eye(2), -torch.eye(2))).to(T64)  # -1 ≤ x ≤ 1
+    b = torch.ones(4, dtype=T64)
+    P = torch.tensor([[[2.0, 0.5], [0.5, 1.0]], [[1.0, 0.0], [0.0, -1.0]],
+                      [[1.0, 0.2], [0.2, 3.0]]], dtype=T64)
+    c = torch.tensor([[1.0, -1.0], [0.5, 0.5], [-2.0, 1.0]], dtype=T64)
+    with pytest.raises(NonconvexError, match="batch member 1: nonconvex"):
+        tdo.functional.conic(A, b, c, cones, P=P, solver="clarabel")
+    ok = [0, 2]
+    x = tdo.functional.conic(A, b, c[ok], cones, P=P[ok], solver="clarabel")
+    want = tdo.functional.conic(A, b, c[ok], cones, P=P[ok], solver="scs")
+    torch.testing.assert_close(x, want, atol=1e-9, rtol=0)
 
 
 # ---------------------------------------------------------------- wiring

@@ -49,7 +49,7 @@ from .folding import (accepts_batched_grads, derivative_under_transforms,
 from .qp_function import _positive_definite
 from .solvers import (BATCHED_CONIC_SOLVERS, SEQUENCED_CONIC_SOLVERS, conic_solver,
                       solve_scs_conic)
-from .solvers.batch import record_outcomes, solve_each, status_of
+from .solvers.batch import CPU_COUNT, record_outcomes, solve_each, status_of
 from .solvers.cone_program import ACCEPT_RESIDUAL, ConicSolution, inaccuracy, residual_rows
 from .solvers.conic_ipm import solve_ipm_conic, supports
 from .solvers.ipm import OPTIMAL, status_error
@@ -150,6 +150,48 @@ def _member_solver(st: ConicStructure, local: threading.local):
     return lambda A, b, c, P: local.sequence.solve(A, b, c, P, accept=accept)
 
 
+def _sequence_takes_entries(st: ConicStructure) -> bool:
+    """Whether the structure's adapter has a sequenced form that takes the members' entries
+    (:meth:`~torchdiffopt.solvers.clarabel_conic.ClarabelSequence.solve_entries`)."""
+    sequenced = SEQUENCED_CONIC_SOLVERS.get(st.solve)
+    return sequenced is not None and sequenced.takes_entries(st.dims)
+
+
+def _solve_in_sequences(st: ConicStructure, todo: list, P_vals, c, A_vals, b) -> list:
+    """The members ``todo`` (data: the batch's numpy arrays, finite) by the sequenced
+    adapter, in ``n_jobs`` contiguous runs, one sequence per thread: a :class:`_Member`
+    (unchecked: :func:`_check_together` follows) or the error naming its failure, per
+    member. ``P``'s convexity is tested for the batch at once (a batched Cholesky, as the
+    batched interior point's)."""
+    pt, idx = st.pattern, np.asarray(todo)
+    options = {k: v for k, v in st.solver_options.items() if k != "accept"}
+    A, A_data = pt.csc_entries(A_vals[idx], "A")
+    P = P_data = None
+    convex = np.ones(len(idx), dtype=bool)
+    if len(pt.P_rows):
+        P, P_data = pt.csc_entries(P_vals[idx], "P_upper")
+        dense_P = pt.dense_matrix(torch.from_numpy(P_vals[idx]), "P_rows", "P_cols",
+                                  (pt.n, pt.n))
+        convex = _positive_definite(0.5 * (dense_P + dense_P.mT), shift=1e-9).numpy()
+    runs = [run for run in np.array_split(np.flatnonzero(convex),
+                                          min(len(idx), st.n_jobs or CPU_COUNT)) if len(run)]
+
+    def solve_run(run):
+        return sequenced(st.dims, **options).solve_entries(
+            A, A_data[run], b[idx[run]], c[idx[run]], P, None if P_data is None else P_data[run])
+
+    sequenced = SEQUENCED_CONIC_SOLVERS[st.solve]
+    outcomes: list = [NonconvexError("nonconvex objective: the quadratic form is indefinite")
+                      ] * len(idx)
+    for run, results in zip(runs, solve_each(runs, solve_run, st.n_jobs)):
+        if isinstance(results, Exception):  # the run failed as a whole: each member with it
+            results = [results] * len(run)
+        for k, out in zip(run, results):
+            outcomes[k] = out if isinstance(out, Exception) else \
+                _Member(out.x, out.y, out.s, solution=out)
+    return outcomes
+
+
 def _check_together(st: ConicStructure, todo: list, outcomes: list, P_vals, c, A_vals, b):
     """The unchecked solver points among ``outcomes`` (of the members ``todo``; the data
     are the batch's numpy arrays) checked at once by their relative residuals
@@ -234,6 +276,9 @@ def _solve_batch(call: ConicCall, P_vals, c, A_vals, b, margins):
             lambda A, b, c, P: solve_scs_conic(A, b, c, st.dims, P)), st.n_jobs)
         for k, out in zip(retry, again):
             outcomes[k] = out
+    elif pt.dense and todo and _sequence_takes_entries(st):
+        outcomes = _solve_in_sequences(st, todo, *arrays[:4])
+        outcomes = _check_together(st, todo, outcomes, *arrays[:4])
     else:
         local = threading.local()
         outcomes = solve_each(todo, lambda j: _solve_member(
