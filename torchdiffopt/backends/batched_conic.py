@@ -93,7 +93,7 @@ class ConicPattern:
         """:meth:`csc` for the batch ``vals (B, nnz)``: the first member's matrix (the
         pattern) and every member's CSC entries ``(B, nnz_csc)``, in its ``data`` order."""
         gather, indices, indptr, shape = self._layout(which)
-        data = np.asarray((gather.T @ vals.T).T)
+        data = np.ascontiguousarray((gather.T @ vals.T).T)  # each member's row contiguous
         return sp.csc_matrix((data[0], indices, indptr), shape=shape), data
 
     def _layout(self, which: str):
