@@ -491,20 +491,29 @@ def refine_dense(pattern: ConicPattern, dims, z: np.ndarray, P_vals, c, A_vals, 
     if not refine or not len(members):
         return z, systems
 
+    every = len(members) == len(z)
+
     def residual(rows, idx):
-        sel = torch.as_tensor(members[idx], device=device)
+        # (a step for every member, the common case, takes the data as they are)
+        sel = slice(None) if every and len(idx) == len(z) else \
+            torch.as_tensor(members[idx], device=device)
         u = torch.as_tensor(rows[:, :n], dtype=_F64, device=device)
         v = rows[:, n:]
         y = torch.as_tensor(project_rows(v, dims, dual=True), dtype=_F64, device=device)
-        Pv, Av = P_vals[sel], A_vals[sel]
-        Pu = 0.5 * (pattern.matvec(Pv, "P_rows", "P_cols", u, n)
-                    + pattern.matvec(Pv, "P_cols", "P_rows", u, n))
-        dual = Pu + pattern.matvec(Av, "A_cols", "A_rows", y, n) + c[sel]
+        Av = A_vals[sel]
+        dual = pattern.matvec(Av, "A_cols", "A_rows", y, n) + c[sel]
+        if len(pattern.P_rows):
+            Pv = P_vals[sel]
+            dual = dual + 0.5 * (pattern.matvec(Pv, "P_rows", "P_cols", u, n)
+                                 + pattern.matvec(Pv, "P_cols", "P_rows", u, n))
         primal = b[sel] - pattern.matvec(Av, "A_rows", "A_cols", u, m) \
             + torch.as_tensor(v, dtype=_F64, device=device) - y
         return torch.cat((dual, primal), -1).cpu().numpy()
 
     def solve(rows, idx):
+        if every and len(idx) == len(z):
+            rhs = torch.as_tensor(rows, dtype=_F64, device=device)[:, None]
+            return systems.solve(rhs)[:, 0].cpu().numpy()
         rhs = torch.zeros(len(z), 1, n + m, dtype=_F64, device=device)
         rhs[members[idx], 0] = torch.as_tensor(rows, dtype=_F64, device=device)
         return systems.solve(rhs)[members[idx], 0].cpu().numpy()
