@@ -175,14 +175,14 @@ def _solve_in_sequences(st: ConicStructure, todo: list, P_vals, c, A_vals, b) ->
         convex = _positive_definite(0.5 * (dense_P + dense_P.mT), shift=1e-9).numpy()
     runs = [run for run in np.array_split(np.flatnonzero(convex),
                                           min(len(idx), st.n_jobs or CPU_COUNT)) if len(run)]
+    sequenced = SEQUENCED_CONIC_SOLVERS[st.solve]
 
     def solve_run(run):
         return sequenced(st.dims, **options).solve_entries(
             A, A_data[run], b[idx[run]], c[idx[run]], P, None if P_data is None else P_data[run])
 
-    sequenced = SEQUENCED_CONIC_SOLVERS[st.solve]
     outcomes: list = [NonconvexError("nonconvex objective: the quadratic form is indefinite")
-                      ] * len(idx)
+                      for _ in idx]
     for run, results in zip(runs, solve_each(runs, solve_run, st.n_jobs)):
         if isinstance(results, Exception):  # the run failed as a whole: each member with it
             results = [results] * len(run)

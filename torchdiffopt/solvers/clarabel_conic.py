@@ -192,7 +192,7 @@ class ClarabelSequence:
         For a batch whose data the caller has checked at once (finite, ``P ⪰ 0``): this
         path builds no matrix per member (the entries are swapped into one) and checks
         nothing per member, which halves the Python time around each of Clarabel's solves
-        (W4: the 64 members' solves in 2 threads, 24 → 16 ms). Not for cones that
+        (W4: the 64 members' solves in 2 threads, 26 → 19 ms). Not for cones that
         Clarabel states on other rows (:meth:`takes_entries`)."""
         if not self.takes_entries(self.dims):
             raise ValueError("solve_entries takes zero, nonnegative, second-order, "
