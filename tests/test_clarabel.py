@@ -191,21 +191,28 @@ def test_entries_of_a_batch_agree_with_one_by_one_and_keep_failures_apart():
                               rng.uniform(0, 1, B)])
     A_rows, A_cols = np.nonzero(A)
     pattern = ConicPattern(2, 6, A_rows, A_cols, P_rows, P_cols)
-    A_vals = np.tile(A[A_rows, A_cols], (B, 1))
-    A_csc, A_data = pattern.csc_entries(A_vals, "A")
-    P_csc, P_data = pattern.csc_entries(P_vals, "P_upper")
-    got = ClarabelSequence(cones).solve_entries(A_csc, A_data, b, c, P_csc, P_data)
-    for k in range(B):
-        P = np.zeros((2, 2))
-        np.add.at(P, (P_rows, P_cols), P_vals[k])
-        if k == 2:
-            assert isinstance(got[k], InfeasibleError)
-            with pytest.raises(InfeasibleError):
-                solve_clarabel_conic(A, b[k], c[k], cones, P)
-            continue
-        want = solve_clarabel_conic(A, b[k], c[k], cones, P)
-        for name in "xys":
-            np.testing.assert_allclose(getattr(got[k], name), getattr(want, name), atol=1e-9)
+    # the same A in every member (only q, b and P change), then A's entries scaled too
+    A_same = np.tile(A[A_rows, A_cols], (B, 1))
+    for A_vals in (A_same, A_same * rng.uniform(0.5, 2.0, A_same.shape)):
+        A_csc, A_data = pattern.csc_entries(A_vals, "A")
+        P_csc, P_data = pattern.csc_entries(P_vals, "P_upper")
+        got = ClarabelSequence(cones).solve_entries(A_csc, A_data, b, c, P_csc, P_data)
+        assert np.array_equal(A_csc.data, A_data[0])  # the caller's matrices untouched
+        assert np.array_equal(P_csc.data, P_data[0])
+        for k in range(B):
+            P = np.zeros((2, 2))
+            np.add.at(P, (P_rows, P_cols), P_vals[k])
+            A_k = np.zeros_like(A)
+            np.add.at(A_k, (A_rows, A_cols), A_vals[k])
+            if k == 2:
+                assert isinstance(got[k], InfeasibleError)
+                with pytest.raises(InfeasibleError):
+                    solve_clarabel_conic(A_k, b[k], c[k], cones, P)
+                continue
+            want = solve_clarabel_conic(A_k, b[k], c[k], cones, P)
+            for name in "xys":
+                np.testing.assert_allclose(getattr(got[k], name), getattr(want, name),
+                                           atol=1e-9)
     assert not ClarabelSequence.takes_entries({"l": 1, "s": [2]})
     with pytest.raises(ValueError, match="solve_entries takes"):
         ClarabelSequence({"l": 1, "ep": 1, "ed": 1}).solve_entries(A_csc, A_data, b, c)

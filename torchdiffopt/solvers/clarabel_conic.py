@@ -197,15 +197,21 @@ class ClarabelSequence:
         if not self.takes_entries(self.dims):
             raise ValueError("solve_entries takes zero, nonnegative, second-order, "
                              "exponential and power cones (α > 0) only")
-        A = A.copy()
-        P_upper = self._no_P(A.shape[1]) if P_upper is None else P_upper.copy()
+        # matrices of the patterns whose entries are swapped (the caller's stay untouched)
+        A = sp.csc_matrix((A.data, A.indices, A.indptr), shape=A.shape)
+        P_upper = self._no_P(A.shape[1]) if P_upper is None else \
+            sp.csc_matrix((P_upper.data, P_upper.indices, P_upper.indptr), shape=P_upper.shape)
+        if P_data is None:
+            P_data = np.broadcast_to(P_upper.data, (len(c), P_upper.nnz))
+        # the arrays that differ within the run, found once (W4: only q), and the pattern
+        # known to be the solver's after the first member: nothing compared per member
+        varies = {key: bool(len(arr) and (arr != arr[:1]).any())
+                  for key, arr in (("q", c), ("A", A_data), ("b", b), ("P", P_data))}
         out = []
         for k in range(len(c)):
-            A.data = A_data[k]
-            if P_data is not None:
-                P_upper.data = P_data[k]
+            A.data, P_upper.data = A_data[k], P_data[k]
             try:
-                r = self._run(P_upper, c[k], A, b[k])
+                r = self._run(P_upper, c[k], A, b[k], varies if k else None)
             except Exception as err:  # noqa: BLE001 - a member's failure is its outcome
                 out.append(err)
                 continue
@@ -213,26 +219,35 @@ class ClarabelSequence:
                                      str(r.status), int(r.iterations), solver="Clarabel"))
         return out
 
-    def _run(self, P_upper: sp.csc_matrix, q, A: sp.csc_matrix, b):
+    def _run(self, P_upper: sp.csc_matrix, q, A: sp.csc_matrix, b, varies: dict | None = None):
         """Clarabel's result for one program (``A`` in Clarabel's rows, ``P_upper`` the
         upper triangle): the solver updated where the patterns are its own, else built;
-        raises the error that a status without a solution names."""
-        pattern = (A.indptr, A.indices, P_upper.indptr, P_upper.indices)
+        raises the error that a status without a solution names. ``varies`` (the caller's
+        knowledge, for a program of the same patterns as the last one: which of ``q``,
+        ``A``, ``b``, ``P`` may differ from it) replaces the comparisons."""
         data = {"q": q, "A": A.data, "b": b, "P": P_upper.data}
-        if self._solver is not None and self._solver.is_data_update_allowed() and all(
-                np.array_equal(new, old) for new, old in zip(pattern, self._pattern)):
-            # only what differs from the last program: an update of A or P makes Clarabel
-            # scale and load the KKT matrix's entries again (W4's 64 members, where only q
-            # changes: 28 → 25.5 ms in Clarabel)
-            changed = {key: value for key, value in data.items()
-                       if not np.array_equal(value, self._data[key])}
+        if self._solver is not None and varies is not None:
+            changed = {key: data[key] for key, v in varies.items() if v}
             if changed:
                 self._solver.update(**changed)
+            self._data.update({key: np.array(value) for key, value in changed.items()})
         else:
-            K = clarabel_cones(self.dims)[0]
-            self._solver = self._clarabel.DefaultSolver(P_upper, q, A, b, K, self._settings)
-            self._pattern = tuple(np.array(a) for a in pattern)
-        self._data = {key: np.array(value) for key, value in data.items()}
+            pattern = (A.indptr, A.indices, P_upper.indptr, P_upper.indices)
+            if self._solver is not None and self._solver.is_data_update_allowed() and all(
+                    np.array_equal(new, old) for new, old in zip(pattern, self._pattern)):
+                # only what differs from the last program: an update of A or P makes
+                # Clarabel scale and load the KKT matrix's entries again (W4's 64
+                # members, where only q changes: 28 → 25.5 ms in Clarabel)
+                changed = {key: value for key, value in data.items()
+                           if not np.array_equal(value, self._data[key])}
+                if changed:
+                    self._solver.update(**changed)
+            else:
+                K = clarabel_cones(self.dims)[0]
+                self._solver = self._clarabel.DefaultSolver(P_upper, q, A, b, K,
+                                                            self._settings)
+                self._pattern = tuple(np.array(a) for a in pattern)
+            self._data = {key: np.array(value) for key, value in data.items()}
         result = self._solver.solve()
         status, iters = str(result.status), int(result.iterations)
         if status not in _SOLVED:
