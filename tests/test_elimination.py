@@ -65,17 +65,23 @@ def bounded_jacobians(V, valid, seed=0):
     A[:, 9:] = torch.randn(B, 3, n, generator=g, dtype=F64)         # second-order cone
     L = torch.randn(B, n, n, generator=g, dtype=F64)
     P = L @ L.mT + torch.eye(n, dtype=F64)
-    rows, cols = np.divmod(np.arange(n * n), n)
-    a_rows, a_cols = np.divmod(np.arange(m * n), n)
-    pattern = ConicPattern(n, m, a_rows, a_cols, rows, cols)
-    return ResidualJacobians.of_entries(pattern, P.reshape(B, -1), A.reshape(B, -1),
+    return ResidualJacobians.of_entries(dense_pattern(), P.reshape(B, -1), A.reshape(B, -1),
                                         BlockDiagonalD.at(V, CONES, "cpu"), valid)
 
 
+def dense_pattern() -> ConicPattern:
+    """Every entry of ``A (m, n)`` and ``P (n, n)`` stored."""
+    rows, cols = np.divmod(np.arange(n * n), n)
+    a_rows, a_cols = np.divmod(np.arange(m * n), n)
+    return ConicPattern(n, m, a_rows, a_cols, rows, cols)
+
+
 def changed(J: ResidualJacobians) -> ResidualJacobians:
-    """``J`` after its dense ``A`` was edited in place (what was read off its entries, the
-    rows with a single nonzero, is read off the dense ``A`` again)."""
-    return ResidualJacobians(J.P, J.A, J.D, J.valid)
+    """``J`` after its dense ``A`` was edited in place, built again from its entries (what
+    was read off them, the rows with a single nonzero, is read again)."""
+    B = J.A.shape[0]
+    return ResidualJacobians.of_entries(dense_pattern(), J.P.reshape(B, -1),
+                                        J.A.reshape(B, -1), J.D, J.valid)
 
 
 def signed_points(signs):
@@ -241,9 +247,12 @@ def test_single_entries_from_the_entries_match_the_dense_matrix():
                          [0.0, 1.0, 1.0, 0.0, 0.0, 4.0, 3.0, 1.0, -1.0]], dtype=F64)
     pattern = ConicPattern(4, 5, rows, cols, [], [])
     single, column = pattern.single_entries(vals)
-    A = pattern.dense_matrix(vals, "A_rows", "A_cols", (5, 4))
-    J = ResidualJacobians(torch.zeros(2, 4, 4, dtype=F64), A, None, torch.ones(2, dtype=bool))
-    want_single, want_column = J.single_entries
+    # against the dense A, row by row in numpy
+    A = pattern.dense_matrix(vals, "A_rows", "A_cols", (5, 4)).numpy()
+    for b in range(2):
+        for i in range(5):
+            nonzero = np.flatnonzero(A[b, i])
+            assert bool(single[b, i]) == (len(nonzero) == 1)
+            assert int(column[b, i]) == (nonzero[0] if len(nonzero) == 1 else 0)
     assert single.tolist() == [[True, True, False, False, True], [False, True, True, True, False]]
-    assert torch.equal(single, want_single) and torch.equal(column, want_column)
     assert column.tolist() == [[1, 0, 0, 0, 3], [0, 2, 3, 1, 0]]

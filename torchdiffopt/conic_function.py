@@ -150,6 +150,21 @@ def _member_solver(st: ConicStructure, local: threading.local):
     return lambda A, b, c, P: local.sequence.solve(A, b, c, P, accept=accept)
 
 
+def _symmetric_P(pt: ConicPattern, P_vals: torch.Tensor):
+    """The members' dense ``½(P + Pᵀ)`` from their entries ``(k, nnz_P)``, and which are
+    convex (``P ⪰ 0`` to rounding, by one batched Cholesky: :func:`_positive_definite`)."""
+    P = pt.dense_matrix(P_vals, "P_rows", "P_cols", (pt.n, pt.n))
+    P = 0.5 * (P + P.mT)
+    convex = _positive_definite(P, shift=1e-9) if len(pt.P_rows) else \
+        torch.ones(len(P), dtype=torch.bool, device=P.device)
+    return P, convex
+
+
+def _indefinite() -> NonconvexError:
+    """The error of a member whose ``P`` is indefinite."""
+    return NonconvexError("nonconvex objective: the quadratic form is indefinite")
+
+
 def _sequence_takes_entries(st: ConicStructure) -> bool:
     """Whether the structure's adapter has a sequenced form that takes the members' entries
     (:meth:`~torchdiffopt.solvers.clarabel_conic.ClarabelSequence.solve_entries`)."""
@@ -170,9 +185,7 @@ def _solve_in_sequences(st: ConicStructure, todo: list, P_vals, c, A_vals, b) ->
     convex = np.ones(len(idx), dtype=bool)
     if len(pt.P_rows):
         P, P_data = pt.csc_entries(P_vals[idx], "P_upper")
-        dense_P = pt.dense_matrix(torch.from_numpy(P_vals[idx]), "P_rows", "P_cols",
-                                  (pt.n, pt.n))
-        convex = _positive_definite(0.5 * (dense_P + dense_P.mT), shift=1e-9).numpy()
+        convex = _symmetric_P(pt, torch.from_numpy(P_vals[idx]))[1].numpy()
     runs = [run for run in np.array_split(np.flatnonzero(convex),
                                           min(len(idx), st.n_jobs or CPU_COUNT)) if len(run)]
     sequenced = SEQUENCED_CONIC_SOLVERS[st.solve]
@@ -181,8 +194,7 @@ def _solve_in_sequences(st: ConicStructure, todo: list, P_vals, c, A_vals, b) ->
         return sequenced(st.dims, **options).solve_entries(
             A, A_data[run], b[idx[run]], c[idx[run]], P, None if P_data is None else P_data[run])
 
-    outcomes: list = [NonconvexError("nonconvex objective: the quadratic form is indefinite")
-                      for _ in idx]
+    outcomes: list = [_indefinite() for _ in idx]
     for run, results in zip(runs, solve_each(runs, solve_run, st.n_jobs)):
         if isinstance(results, Exception):  # the run failed as a whole: each member with it
             results = [results] * len(run)
@@ -229,10 +241,7 @@ def _solve_together(st: ConicStructure, solve_batch, todo: list, P_vals, c, A_va
     batched solver assumes a convex objective)."""
     pt, idx = st.pattern, torch.as_tensor(todo, device=c.device)
     A = pt.dense_matrix(A_vals[idx].to(_F64), "A_rows", "A_cols", (pt.m, pt.n))
-    P = pt.dense_matrix(P_vals[idx].to(_F64), "P_rows", "P_cols", (pt.n, pt.n))
-    P = 0.5 * (P + P.mT)
-    convex = _positive_definite(P, shift=1e-9) if len(pt.P_rows) else \
-        torch.ones(len(todo), dtype=torch.bool, device=c.device)
+    P, convex = _symmetric_P(pt, P_vals[idx].to(_F64))
     options = dict(st.solver_options)
     if st.refine:
         options.setdefault("tol", IPM_TOL_BEFORE_REFINEMENT)
@@ -241,8 +250,7 @@ def _solve_together(st: ConicStructure, solve_batch, todo: list, P_vals, c, A_va
     outcomes = []
     for k, code in enumerate(res.status.tolist()):
         if not bool(convex[k]):
-            outcomes.append(NonconvexError("nonconvex objective: the quadratic form is "
-                                           "indefinite"))
+            outcomes.append(_indefinite())
         elif code == OPTIMAL:
             outcomes.append(_Member(x[k], y[k], s[k]))
         else:

@@ -63,7 +63,7 @@ class ConicPattern:
         self._index = {name: torch.as_tensor(getattr(self, name)) for name in
                        ("A_rows", "A_cols", "P_rows", "P_cols")}
         self._csc_layouts: dict = {}
-        self._positions = None  # A's distinct (row, col) pairs, for single_entries
+        self._positions = None  # for single_entries
 
     @property
     def dense(self) -> bool:
@@ -121,10 +121,12 @@ class ConicPattern:
         ``A_vals (B, nnz)``: whether row ``i`` has exactly one nonzero (repeated pairs
         added first, so entries that cancel count as zero), and that nonzero's column
         where it has, 0 elsewhere."""
-        if self._positions is None:
-            keys, where = np.unique(self.A_rows * self.n + self.A_cols, return_inverse=True)
-            self._positions = tuple(torch.as_tensor(a) for a in
-                                    (where.reshape(-1), keys // self.n, keys % self.n))
+        if self._positions is None:  # A's distinct (row, col) pairs: its CSC entries
+            gather, indices, indptr, _ = self._layout("A")
+            where = gather.tocsr().indices  # each stored entry's CSC slot
+            columns = np.repeat(np.arange(self.n), np.diff(indptr))
+            self._positions = tuple(torch.as_tensor(a, dtype=torch.int64)
+                                    for a in (where, indices, columns))
         where, rows, cols = (t.to(A_vals.device) for t in self._positions)
         B = A_vals.shape[0]
         nonzero = A_vals.new_zeros(B, len(rows)).index_add(1, where, A_vals) != 0
@@ -212,10 +214,10 @@ class ResidualJacobians:
     and ``Mᵀ`` are taken from the parts; the dense ``(B, n + m, n + m)`` is formed only to
     be factorized."""
 
-    def __init__(self, P, A, D: BlockDiagonalD, valid, single_entries=None):
+    def __init__(self, P, A, D: BlockDiagonalD, valid, single_entries):
         self.P, self.A, self.D, self.valid, self.n = P, A, D, valid, P.shape[-1]
-        if single_entries is not None:
-            self.single_entries = single_entries
+        #: ``(single, column)`` of :meth:`ConicPattern.single_entries`, which ``D`` leaves
+        self.single_entries = single_entries
 
     @classmethod
     def of_entries(cls, pattern: ConicPattern, P_vals, A_vals, D: BlockDiagonalD, valid):
@@ -229,16 +231,6 @@ class ResidualJacobians:
     def at(self, D: BlockDiagonalD) -> "ResidualJacobians":
         """The same programs' Jacobians with ``D`` taken at other points."""
         return ResidualJacobians(self.P, self.A, D, self.valid, self.single_entries)
-
-    @functools.cached_property
-    def single_entries(self):
-        """``(single, column)``, both ``(B, m)``: whether row ``i`` of ``A`` has exactly
-        one nonzero, and that nonzero's column where it has, 0 elsewhere (from the dense
-        ``A``; built from entries, :meth:`ConicPattern.single_entries` gives it at
-        ``O(nnz)``)."""
-        nonzero = self.A != 0
-        single = nonzero.sum(-1) == 1
-        return single, torch.where(single, nonzero.to(torch.int8).argmax(-1), 0)
 
     def dense(self) -> torch.Tensor:
         """``M (B, n + m, n + m)``."""
@@ -491,11 +483,9 @@ def refine_dense(pattern: ConicPattern, dims, z: np.ndarray, P_vals, c, A_vals, 
     if not refine or not len(members):
         return z, systems
 
-    every = len(members) == len(z)
-
     def residual(rows, idx):
         # (a step for every member, the common case, takes the data as they are)
-        sel = slice(None) if every and len(idx) == len(z) else \
+        sel = slice(None) if len(idx) == len(z) else \
             torch.as_tensor(members[idx], device=device)
         u = torch.as_tensor(rows[:, :n], dtype=_F64, device=device)
         v = rows[:, n:]
@@ -511,7 +501,7 @@ def refine_dense(pattern: ConicPattern, dims, z: np.ndarray, P_vals, c, A_vals, 
         return torch.cat((dual, primal), -1).cpu().numpy()
 
     def solve(rows, idx):
-        if every and len(idx) == len(z):
+        if len(idx) == len(z):
             rhs = torch.as_tensor(rows, dtype=_F64, device=device)[:, None]
             return systems.solve(rhs)[:, 0].cpu().numpy()
         rhs = torch.zeros(len(z), 1, n + m, dtype=_F64, device=device)
