@@ -1,5 +1,6 @@
-"""TriangularElimination (linalg/elimination.py) and the orders that the conic backend finds
-for it (ResidualJacobians.triangular_order): solves against dense ones, member by member."""
+"""TriangularElimination (linalg/elimination.py) and the blocks that the conic backend reads
+off its programs for it (ResidualJacobians.eliminated): solves against dense ones, member by
+member."""
 
 import numpy as np
 import pytest
@@ -40,7 +41,10 @@ def test_permuted_block_triangular_matrices_are_solved_exactly(transpose):
     M = torch.empty_like(Mt)
     for b in range(B):  # M[rows[b]][:, cols[b]] = M̃[b]
         M[b][rows[b][:, None], cols[b][None, :]] = Mt[b]
-    lu = TriangularElimination(M, rows, cols, k_F, k_L)
+    F, S, L = slice(0, k_F), slice(k_F, k_F + s), slice(k_F + s, N)
+    lu = TriangularElimination(rows, cols, Mt[:, F, F].diagonal(dim1=1, dim2=2), Mt[:, S, F],
+                               Mt[:, S, S], Mt[:, L, F], Mt[:, L, S],
+                               Mt[:, L, L].diagonal(dim1=1, dim2=2))
     assert not lu.singular.any()
     rhs = torch.randn(B, N, 3, generator=g, dtype=F64)
     torch.testing.assert_close(lu.solve(rhs, transpose), dense_solve(M, rhs, transpose),
@@ -101,17 +105,25 @@ def test_orders_of_residual_map_jacobians_are_triangular_and_solve_exactly():
              [1, -1, 1, 1, -1, -1, -1, -1]]  # a failed member
     valid = torch.tensor([True, True, True, False])
     J = bounded_jacobians(signed_points(signs), valid)
-    rows, cols, k_F, k_L = J.triangular_order()
+    lu = J.eliminated()
+    rows, cols = lu.rows, lu.cols
+    k_F, s, k_L = lu.sizes
     # the fewest pairs (member 0's two) and inactive rows (member 2's two)
     assert (k_F, k_L) == (2, 4)
     M = J.dense()
-    for b in range(3):
+    F, S, L = slice(0, k_F), slice(k_F, k_F + s), slice(k_F + s, n + m)
+    for b in range(4):  # the failed member too: the identity in its natural order
         Mt = M[b][rows[b][:, None], cols[b][None, :]]
         assert Mt[:k_F, k_F:].abs().max() == 0
         assert Mt[:-k_L, -k_L:].abs().max() == 0
         for T in (Mt[:k_F, :k_F], Mt[-k_L:, -k_L:]):
             assert (T - torch.diag(T.diagonal())).abs().max() == 0
             assert T.diagonal().abs().min() > 0
+        # the blocks read off P, A and D are those of the dense M
+        assert torch.equal(lu.t_F[b], Mt[F, F].diagonal())
+        assert torch.equal(lu.t_L[b], Mt[L, L].diagonal())
+        for block, where in ((lu.M_SF, (S, F)), (lu.M_LF, (L, F)), (lu.M_LS, (L, S))):
+            torch.testing.assert_close(block[b], Mt[where], rtol=0, atol=1e-15)
     assert 0 not in cols[0, :k_F].tolist()
     assert torch.equal(rows[3], torch.arange(n + m)) and torch.equal(cols[3], rows[3])
     assert DenseSystems(J).singular.tolist() == [True, False, False, False]
@@ -137,7 +149,7 @@ def test_without_eliminable_unknowns_the_whole_matrix_is_factorized():
     J = bounded_jacobians(V, torch.tensor([True, True]))
     J.A[:, 1:7] = torch.randn(2, 6, n, generator=torch.Generator().manual_seed(2), dtype=F64)
     J = changed(J)
-    assert J.triangular_order() is None
+    assert J.eliminated() is None
     systems = DenseSystems(J)
     assert isinstance(systems._lu, DenseFactorization)
     rhs = torch.randn(2, 1, n + m, dtype=F64)
@@ -151,7 +163,7 @@ def test_a_singular_member_falls_back_to_the_whole_matrix():
     J = bounded_jacobians(V, torch.tensor([True, True]))
     J.A[1, 8] = J.A[1, 7]  # rows n + 7, n + 8 of member 1's M: [-A_7, 0] twice
     J = changed(J)
-    assert J.triangular_order() is not None
+    assert J.eliminated() is not None
     systems = DenseSystems(J)
     assert isinstance(systems._lu, DenseFactorization)
     assert systems.singular.tolist() == [False, True]

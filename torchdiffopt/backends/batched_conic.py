@@ -21,7 +21,7 @@ ways of holding ``M``:
   one batched LU (:class:`~torchdiffopt.linalg.factorization.DenseFactorization`; singular
   members get the pseudo-inverse: minimum-norm least-squares derivatives) — of the block
   that is left once the unknowns fixed by active bounds and inactive rows are taken out by
-  substitution (:meth:`ResidualJacobians.triangular_order`,
+  substitution (:meth:`ResidualJacobians.eliminated`,
   :class:`~torchdiffopt.linalg.elimination.TriangularElimination`). Every operation is
   a torch op, so ``backward``, ``jvp`` and every ``torch.func`` transform work. The solvers'
   points are refined batched too (:func:`refine_dense`): Newton steps with one batched LU of
@@ -199,6 +199,15 @@ class BlockDiagonalD:
         return out
 
 
+def _taken(t: torch.Tensor, order: torch.Tensor, dim: int) -> torch.Tensor:
+    """``t (B, ·, ·)`` with its rows (``dim=1``) or columns (``dim=2``) in each member's
+    ``order (B, k)``."""
+    shape = list(t.shape)
+    shape[dim] = order.shape[1]
+    index = order[:, :, None] if dim == 1 else order[:, None, :]
+    return t.gather(dim, index.expand(shape))
+
+
 def _run(idx: torch.Tensor) -> slice | None:
     """``slice(lo, lo + len)`` where the flattened ``idx`` is ``lo, lo + 1, …``, else None."""
     flat = idx.reshape(-1).cpu()
@@ -247,23 +256,33 @@ class ResidualJacobians:
             M[~self.valid] = torch.eye(n + m, dtype=M.dtype, device=M.device)
         return M
 
-    def triangular_order(self):
-        """Orders of rows and columns that make every member's ``M`` block lower triangular
-        (:class:`~torchdiffopt.linalg.elimination.TriangularElimination`):
-        ``(rows, cols, k_F, k_L)``, or None where too few unknowns come out.
+    def eliminated(self) -> TriangularElimination | None:
+        """Every member's ``M`` as a :class:`~torchdiffopt.linalg.elimination.
+        TriangularElimination`, its blocks read off ``P``, ``A`` and ``D`` (``M`` itself is
+        never formed), or None where too few unknowns come out.
 
         On a zero or nonnegative row ``i`` (``D`` diagonal there, ``D_ii`` 0 or 1):
 
         * ``D_ii = 1`` and ``A_i`` with one nonzero ``A_ij`` (a bound on ``x_j``, active, or
-          an equality fixing it): row ``n + i`` of ``M`` is ``-A_ij e_j``, so it fixes
-          ``u_j`` (first), and column ``n + i`` is ``A_ij e_j``, so ``v_i`` is read off row
-          ``j`` (last) — where no other such row bounds ``x_j``;
+          an equality fixing it; the *pairs* ``(i, j)``): row ``n + i`` of ``M`` is
+          ``-A_ij e_j``, so it fixes ``u_j`` (first), and column ``n + i`` is ``A_ij e_j``,
+          so ``v_i`` is read off row ``j`` (last) — where no other such row bounds ``x_j``;
         * ``D_ii = 0`` (an inactive bound or inequality): column ``n + i`` is ``e_i``, so
           ``v_i`` is read off its own row (last).
 
+        What is left, ``u_S`` (the variables not fixed) and ``v_S`` (the other diagonal rows,
+        then the cones' rows), has ``M_SS = [[P_SS, A_SSᵀ D_SS], [-A_SS, I - D_SS]]``: the
+        residual-map Jacobian of the program without the pairs and the inactive rows, since
+        ``D`` has no entry between a diagonal row and any other. With ``F`` the fixed
+        variables, ``I`` the inactive rows and ``ᵢ`` the pairs' rows in the pairs' order::
+
+            t_F = -diag(A_ᵢF),  t_L = [diag(A_ᵢF) D_ᵢᵢ ; 1 - D_II],
+            M_SF = [P_SF ; -A_SF],  M_LF = [P_FF ; -A_IF],
+            M_LS = [[P_FS, A_SFᵀ D_SS], [-A_IS, 0]].
+
         Every member eliminates as many as the fewest of the valid members can (the rest
         stay in ``M_SS``: keeping an eliminable unknown there with its row is always
-        allowed); a failed member's identity keeps its natural order."""
+        allowed); a failed member's ``M`` is the identity in its natural order."""
         A, D, valid, n = self.A, self.D, self.valid, self.n
         if not bool(valid.any()):
             return None
@@ -278,27 +297,56 @@ class ResidualJacobians:
             1, column, bound.to(A.dtype))
         pair = bound & (bounds_per_column.gather(1, column) == 1)
         inactive = diagonal & (D.diag == 0)
-        k_pair, k_inactive = (int(mask[valid].sum(1).min()) for mask in (pair, inactive))
-        if 2 * k_pair + k_inactive < TRIANGULAR_MIN_FRACTION * N:
+        k_F, k_I = (int(mask[valid].sum(1).min()) for mask in (pair, inactive))
+        if 2 * k_F + k_I < TRIANGULAR_MIN_FRACTION * N:
             return None
-        first_marked = lambda mask, k: slots(mask)[0][:, :k]  # noqa: E731  (in order)
-        i_pair, i_inactive = first_marked(pair, k_pair), first_marked(inactive, k_inactive)
-        j_pair = column.gather(1, i_pair)
-        rows_F, cols_F = n + i_pair, j_pair
-        rows_L = torch.cat((j_pair, n + i_inactive), 1)
-        cols_L = torch.cat((n + i_pair, n + i_inactive), 1)
-
-        def order(first, last):
-            rest = torch.ones(B, N, dtype=torch.bool, device=device)
-            rest.scatter_(1, torch.cat((first, last), 1), False)
-            s = N - first.shape[1] - last.shape[1]
-            return torch.cat((first, first_marked(rest, s), last), 1)
-
-        natural = torch.arange(N, device=device).expand(B, N)
+        first = lambda mask, k: slots(mask)[0][:, :k]  # noqa: E731  (in order)
+        # a failed member's sets are any of the right sizes (its blocks are replaced below)
         keep = valid[:, None]
-        rows = torch.where(keep, order(rows_F, rows_L), natural)
-        cols = torch.where(keep, order(cols_F, cols_L), natural)
-        return rows, cols, k_pair, k_pair + k_inactive
+        ranks = torch.cumsum(diagonal, 0) - 1
+        i_F = first(torch.where(keep, pair, diagonal & (ranks < k_F)), k_F)
+        i_I = first(torch.where(keep, inactive,
+                                diagonal & (ranks >= k_F) & (ranks < k_F + k_I)), k_I)
+        j_F = torch.where(keep, column.gather(1, i_F), torch.arange(k_F, device=device))
+        free = torch.ones(B, n, dtype=torch.bool, device=device).scatter_(1, j_F, False)
+        kept = diagonal.expand(B, m).clone()
+        kept.scatter_(1, torch.cat((i_F, i_I), 1), False)
+        s_u, s_d = n - k_F, int(diagonal.sum()) - k_F - k_I
+        cone_rows = torch.nonzero(~diagonal).flatten()
+        u_S = first(free, s_u)
+        v_S = torch.cat((first(kept, s_d), cone_rows.expand(B, -1)), 1)
+        s_v = v_S.shape[1]
+        # P and A with their rows and columns in the orders (u_S, F) and (v_S, I, ᵢ)
+        u_order = torch.cat((u_S, j_F), 1)
+        v_order = torch.cat((v_S, i_I, i_F), 1)
+        P = _taken(_taken(self.P, u_order, 1), u_order, 2)
+        A = _taken(_taken(A, v_order, 1), u_order, 2)
+        P_SS, P_SF, P_FS, P_FF = P[:, :s_u, :s_u], P[:, :s_u, s_u:], P[:, s_u:, :s_u], \
+            P[:, s_u:, s_u:]
+        A_SS, A_SF = A[:, :s_v, :s_u], A[:, :s_v, s_u:]
+        A_IS, A_IF = A[:, s_v:s_v + k_I, :s_u], A[:, s_v:s_v + k_I, s_u:]
+        A_iF = A[:, s_v + k_I:, s_u:].diagonal(dim1=1, dim2=2)
+        # D on v_S: the kept diagonal rows, then the cones' blocks moved up by what is gone
+        position = torch.full((m,), -1, dtype=torch.int64, device=device)
+        position[cone_rows] = s_d + torch.arange(len(cone_rows), device=device)
+        D_SS = BlockDiagonalD(D.diag.gather(1, v_S), [(position[idx], mats)
+                                                      for idx, mats in D.blocks])
+        M_SS = ResidualJacobians(P_SS, A_SS, D_SS, valid, None).dense()
+        M_SF = torch.cat((P_SF, -A_SF), 1)
+        M_LF = torch.cat((P_FF, -A_IF), 1)
+        M_LS = torch.cat((torch.cat((P_FS, D_SS.right_of(A_SF.mT)), 2),
+                          torch.cat((-A_IS, A.new_zeros(B, k_I, s_v)), 2)), 1)
+        t_F = -A_iF
+        t_L = torch.cat((A_iF * D.diag.gather(1, i_F), 1.0 - D.diag.gather(1, i_I)), 1)
+        rows = torch.cat((n + i_F, u_S, n + v_S, j_F, n + i_I), 1)
+        cols = torch.cat((j_F, u_S, n + v_S, n + i_F, n + i_I), 1)
+        if not bool(valid.all()):  # the identity, in its natural order
+            natural = torch.arange(N, device=device)
+            rows, cols = (torch.where(keep, p, natural) for p in (rows, cols))
+            t_F, t_L = (torch.where(keep, t, 1.0) for t in (t_F, t_L))
+            M_SF, M_LF, M_LS = (torch.where(keep[..., None], t, 0.0)
+                                for t in (M_SF, M_LF, M_LS))
+        return TriangularElimination(rows, cols, t_F, M_SF, M_SS, M_LF, M_LS, t_L)
 
     @functools.cached_property
     def norm_bound(self) -> torch.Tensor:
@@ -327,7 +375,7 @@ class ResidualJacobians:
         return torch.where(self.valid[:, None, None], torch.cat((top, bottom), -1), z)
 
 
-#: least share of the unknowns that :meth:`ResidualJacobians.triangular_order` must take
+#: least share of the unknowns that :meth:`ResidualJacobians.eliminated` must take
 #: out of the factorization to be used (the gathers cost ``O(N²)`` against the ``O(N³)``
 #: they save)
 TRIANGULAR_MIN_FRACTION = 0.1
@@ -348,14 +396,12 @@ class DenseSystems(_HeldDensely):
 
     def __init__(self, jacobians: ResidualJacobians):
         self.D = jacobians.D
-        M = jacobians.dense()
-        order = jacobians.triangular_order()
-        self._lu = None if order is None else TriangularElimination(M, *order)
+        self._lu = jacobians.eliminated()
         if self._lu is not None and bool((self._lu.singular & jacobians.valid).any()):
             # a singular member's derivative is the pseudo-inverse of M itself
             self._lu = None
         if self._lu is None:
-            self._lu = DenseFactorization(M, symmetric=False)
+            self._lu = DenseFactorization(jacobians.dense(), symmetric=False)
         self.singular = self._lu.singular & jacobians.valid
 
     def solve(self, rhs, transpose: bool = False):

@@ -25,11 +25,12 @@ growth: it is the only nonzero of its row (``T_F``) or of its column (``T_L``), 
 substitution is exact elimination, not pivoting. The factorization costs ``(s / N)³`` of the
 whole matrix's: a cone program's residual-map Jacobian whose bound constraints are active
 loses two unknowns an active bound (W4: order 157 → 73; its factorization, 14 ms whole,
-takes 4 ms with the orders found and the blocks gathered).
+takes 1.4 ms).
 
 No library offers this: torch and LAPACK factorize dense matrices whole, scipy's sparse LU
-takes one matrix at a time; the permutations here are the caller's, found from its
-structure (:meth:`~torchdiffopt.backends.batched_conic.ResidualJacobians.triangular_order`).
+takes one matrix at a time; the permutations and the blocks here are the caller's, read off
+its structure (:meth:`~torchdiffopt.backends.batched_conic.ResidualJacobians.eliminated`
+builds them from a cone program's parts, so that ``M`` is never formed).
 """
 
 from __future__ import annotations
@@ -40,30 +41,27 @@ from .factorization import SINGULAR_RTOL, DenseFactorization
 
 
 class TriangularElimination:
-    """The factorization of ``M (B, N, N)`` laid out as in the module docstring by the
-    orders ``rows``, ``cols`` (``(B, N)`` permutations of ``0 … N − 1``) with ``k_F`` first
-    and ``k_L`` last unknowns per member. ``singular (B,)`` marks members whose ``M_SS``
-    (hence ``M``) is singular, by :class:`~.factorization.DenseFactorization`'s pivot test;
-    their solves are not meaningful, and the caller factorizes ``M`` whole for them."""
+    """The factorization of ``M (B, N, N)`` laid out as in the module docstring, from its
+    blocks: the orders ``rows``, ``cols`` (``(B, N)`` permutations of ``0 … N − 1``) that
+    take ``M`` to ``M̃``, the diagonals ``t_F (B, k_F)``, ``t_L (B, k_L)`` of ``T_F``,
+    ``T_L``, and ``M_SF (B, s, k_F)``, ``M_SS (B, s, s)``, ``M_LF (B, k_L, k_F)``,
+    ``M_LS (B, k_L, s)``. The caller reads the blocks off its own structure: ``M`` itself
+    need not exist. ``singular (B,)`` marks members whose ``M_SS`` (hence ``M``) is
+    singular, by :class:`~.factorization.DenseFactorization`'s pivot test; their solves are
+    not meaningful, and the caller factorizes ``M`` whole for them."""
 
-    def __init__(self, M: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, k_F: int,
-                 k_L: int, rtol: float = SINGULAR_RTOL):
-        B, N = M.shape[:2]
-        self.sizes = (k_F, N - k_F - k_L, k_L)
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor, t_F, M_SF, M_SS, M_LF, M_LS,
+                 t_L, rtol: float = SINGULAR_RTOL):
+        B, N = rows.shape
+        self.sizes = (t_F.shape[1], M_SS.shape[1], t_L.shape[1])
         self.rows, self.cols = rows, cols
         # the inverse orders put the substitution's results back: z = z̃[inverse]
-        self.rows_inverse, self.cols_inverse = (torch.argsort(p, dim=1) for p in (rows, cols))
-        flat = M.reshape(B, N * N)
-        rF, rS, rL = rows.split(self.sizes, 1)
-        cF, cS, cL = cols.split(self.sizes, 1)
-
-        def block(r, c):
-            index = (r[:, :, None] * N + c[:, None, :]).reshape(B, -1)
-            return flat.gather(1, index).reshape(B, r.shape[1], c.shape[1])
-
-        self.t_F, self.t_L = flat.gather(1, rF * N + cF), flat.gather(1, rL * N + cL)
-        self.M_SF, self.M_LF, self.M_LS = block(rS, cF), block(rL, cF), block(rL, cS)
-        self._lu = DenseFactorization(block(rS, cS), rtol, symmetric=False)
+        positions = torch.arange(N, device=rows.device).expand(B, N)
+        self.rows_inverse, self.cols_inverse = (torch.empty_like(p).scatter_(1, p, positions)
+                                                for p in (rows, cols))
+        self.t_F, self.t_L = t_F, t_L
+        self.M_SF, self.M_LF, self.M_LS = M_SF, M_LF, M_LS
+        self._lu = DenseFactorization(M_SS, rtol, symmetric=False)
         self.singular = self._lu.singular
 
     def solve(self, rhs: torch.Tensor, transpose: bool = False) -> torch.Tensor:
