@@ -204,13 +204,13 @@ class BlockDiagonalD:
         return out
 
 
-def _taken(t: torch.Tensor, order: torch.Tensor, dim: int) -> torch.Tensor:
-    """``t (B, ·, ·)`` with its rows (``dim=1``) or columns (``dim=2``) in each member's
-    ``order (B, k)``."""
-    shape = list(t.shape)
-    shape[dim] = order.shape[1]
-    index = order[:, :, None] if dim == 1 else order[:, None, :]
-    return t.gather(dim, index.expand(shape))
+def _taken(t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``t[b][rows[b]][:, cols[b]]`` of every member of ``t (B, R, C)`` (contiguous), for
+    ``rows (B, r)`` and ``cols (B, c)``: ``(B, r, c)``, by one index into the flat ``t``
+    (W4's ``A``: 0.7 against 1.7 ms for a gather of the rows and one of the columns)."""
+    B, R, C = t.shape
+    base = torch.arange(B, device=t.device)[:, None, None] * (R * C)
+    return t.reshape(-1)[base + rows[:, :, None] * C + cols[:, None, :]]
 
 
 def _run(idx: torch.Tensor) -> slice | None:
@@ -321,16 +321,15 @@ class ResidualJacobians:
         u_S = first(free, s_u)
         v_S = torch.cat((first(kept, s_d), cone_rows.expand(B, -1)), 1)
         s_v = v_S.shape[1]
-        # P and A with their rows and columns in the orders (u_S, F) and (v_S, I, ᵢ)
+        # P with its rows and columns in the order (u_S, F), A's rows v_S and I so, and the
+        # pairs' entries A_{i_k j_k}
         u_order = torch.cat((u_S, j_F), 1)
-        v_order = torch.cat((v_S, i_I, i_F), 1)
-        P = _taken(_taken(self.P, u_order, 1), u_order, 2)
-        A = _taken(_taken(A, v_order, 1), u_order, 2)
+        P = _taken(self.P, u_order, u_order)
         P_SS, P_SF, P_FS, P_FF = P[:, :s_u, :s_u], P[:, :s_u, s_u:], P[:, s_u:, :s_u], \
             P[:, s_u:, s_u:]
-        A_SS, A_SF = A[:, :s_v, :s_u], A[:, :s_v, s_u:]
-        A_IS, A_IF = A[:, s_v:s_v + k_I, :s_u], A[:, s_v:s_v + k_I, s_u:]
-        A_iF = A[:, s_v + k_I:, s_u:].diagonal(dim1=1, dim2=2)
+        A_S, A_I = _taken(A, v_S, u_order), _taken(A, i_I, u_order)
+        A_SS, A_SF, A_IS, A_IF = A_S[..., :s_u], A_S[..., s_u:], A_I[..., :s_u], A_I[..., s_u:]
+        A_iF = A.reshape(B, m * n).gather(1, i_F * n + j_F)
         # D on v_S: the kept diagonal rows, then the cones' blocks moved up by what is gone
         position = torch.full((m,), -1, dtype=torch.int64, device=device)
         position[cone_rows] = s_d + torch.arange(len(cone_rows), device=device)
