@@ -181,6 +181,43 @@ def _portfolio_layer(rng, assets, solver="scs"):
     return tdo.Layer(model, parameters=[returns], outputs=w)
 
 
+@pytest.mark.parametrize("cones", [{"z": 1, "l": 8, "q": [3, 4, 3], "s": [2], "ep": 1},
+                                   {"l": 7, "q": [5], "ed": 2, "p": [0.3, -0.6]}])
+def test_elimination_over_every_cone_kind_solves_like_the_whole_matrix(cones):
+    """Bounds on x_0 … x_4 beside dense rows and cones of every kind, in groups whose rows
+    are one run and groups whose rows are not, and a failed member: the blocks read off
+    ``P``, ``A`` and ``D`` solve as the dense ``M`` does, in both orientations."""
+    dims = ConeDims.from_dict(cones)
+    g = torch.Generator().manual_seed(7)
+    B, n_x, m_c = 4, 30, dims.size
+    free = dims.z
+    A = torch.randn(B, m_c, n_x, generator=g, dtype=F64)
+    A[:, free:free + 5] = 0.0
+    A[:, free:free + 5, :5] = -torch.eye(5, dtype=F64) * (
+        1 + torch.rand(B, 5, 1, generator=g, dtype=F64))
+    L = torch.randn(B, n_x, n_x, generator=g, dtype=F64)
+    P = L @ L.mT + torch.eye(n_x, dtype=F64)
+    V = np.random.default_rng(8).normal(size=(B, m_c))
+    V[:, free:free + dims.l] = np.abs(V[:, free:free + dims.l])  # active: D_ii = 1
+    V[:, free + 5] = -1.0                                         # an inactive dense row
+    valid = torch.tensor([True, False, True, True])
+    rows, cols = np.divmod(np.arange(n_x * n_x), n_x)
+    a_rows, a_cols = np.divmod(np.arange(m_c * n_x), n_x)
+    pattern = ConicPattern(n_x, m_c, a_rows, a_cols, rows, cols)
+    J = ResidualJacobians.of_entries(pattern, P.reshape(B, -1), A.reshape(B, -1),
+                                     BlockDiagonalD.at(V, cones, "cpu"), valid)
+    systems = DenseSystems(J)
+    assert isinstance(systems._lu, TriangularElimination)
+    assert systems._lu.sizes[0] == 5 and not systems.singular.any()
+    M = J.dense()
+    rhs = torch.randn(B, 2, n_x + m_c, generator=g, dtype=F64)
+    for transpose in (False, True):
+        got = systems.solve(rhs, transpose)
+        torch.testing.assert_close(got[valid], dense_solve(M, rhs.mT, transpose).mT[valid],
+                                   rtol=1e-10, atol=1e-10)
+        assert torch.isfinite(got).all()
+
+
 def test_eliminated_systems_serve_torch_func_transforms(monkeypatch):
     """jacrev and jacfwd through the eliminated systems agree (every solve in both
     orientations under vmap), for a layer whose active bounds are eliminated."""
