@@ -359,7 +359,7 @@ class ResidualJacobians:
         others."""
         d = self.D.row_abs_sums()
         absA = self.A.abs()
-        top = self.P.abs().sum(-1) + (absA * d[..., None]).sum(-2)
+        top = self.P.abs().sum(-1) + (d[:, None, :] @ absA).squeeze(1)
         bottom = absA.sum(-1) + 1.0 + d
         return torch.maximum(top.amax(-1), bottom.amax(-1))
 
