@@ -298,6 +298,9 @@ class ConicForm(DataForm):
         self.T = sp.csr_matrix((cat(t_parts, 2, float), (cat(t_parts, 0, np.int64),
                                                           cat(t_parts, 1, np.int64))),
                                shape=(self.rows, self.m))
+        # T's entries as data() takes them (a conversion per call took 0.25 ms of W4's 2.5)
+        T = self.T.tocoo()
+        self._T_entries = (T.row.astype(np.int64), T.col.astype(np.int64), T.data)
         self._fixed = tuple(cat(f_parts, i, t) for i, t in
                             enumerate((np.int64, np.int64, float)))
         self._const = np.concatenate(const)
@@ -333,9 +336,9 @@ class ConicForm(DataForm):
                          .sum(-1, keepdim=True) for a in self._inline}
                 keep = np.flatnonzero(cols < self.n_total)
                 g = Canon(g.size, g.const, g.lin.select(keep, g.lin.rows[keep]), g.quad)
-            T = self.T.tocoo()
-            slack = slack + g.matmul_left(T.row.astype(np.int64), T.col.astype(np.int64),
-                                          torch.as_tensor(T.data, dtype=dtype), self.rows, 1)
+            T_rows, T_cols, T_vals = self._T_entries
+            slack = slack + g.matmul_left(T_rows, T_cols, torch.as_tensor(T_vals, dtype=dtype),
+                                          self.rows, 1)
         for atom, atom_rows in self._atom_rows:
             slack = slack + self._epigraph_rows(ev, atom, kappa.get(atom)).reduce(atom_rows,
                                                                                   self.rows)
