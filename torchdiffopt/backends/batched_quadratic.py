@@ -650,12 +650,13 @@ def data_cotangents(x, mu, u, v, f_bar, wanted=ALL_COTANGENTS):
     else:
         fx = f_bar[:, None] * x
         q_bar, a, c0_bar = u + fx, u + 0.5 * fx, v + f_bar[:, None] * mu
-    # P̄ = ½(a xᵀ + x aᵀ) with a = u + ½ f̄ x; C̄ = [μ, v] [q̄, x]ᵀ: one product each
+    # P̄ = ½(a xᵀ + x aᵀ) = [½a, ½x] [x, a]ᵀ with a = u + ½ f̄ x; C̄ = [μ, v] [q̄, x]ᵀ: one
+    # product each (P̄ as one: a third of an outer product and its symmetrization's time
+    # at W1's batch 128, n = 100; symmetric to rounding)
     stack = np.stack if isinstance(u, np.ndarray) else torch.stack
     P_bar = C_bar = None
     if wanted[0]:
-        ax = a[:, :, None] @ x[:, None, :]
-        P_bar = 0.5 * (ax + ax.swapaxes(-1, -2))
+        P_bar = stack((0.5 * a, 0.5 * x), -1) @ stack((x, a), -2)
     if wanted[3]:
         C_bar = stack((mu, v), -1) @ stack((q_bar, x), -2)
     return tuple(c if want else None for c, want in zip(
