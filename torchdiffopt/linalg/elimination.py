@@ -73,12 +73,14 @@ class TriangularElimination:
         rF, rS, rL = r.split(self.sizes, 1)
         if transpose:
             zL = rL / self.t_L[..., None]
-            zS = self._lu.solve(rS - self.M_LS.mT @ zL, transpose=True)
-            zF = (rF - self.M_SF.mT @ zS - self.M_LF.mT @ zL) / self.t_F[..., None]
+            zS = self._lu.solve(torch.baddbmm(rS, self.M_LS.mT, zL, alpha=-1.0), transpose=True)
+            zF = torch.baddbmm(torch.baddbmm(rF, self.M_SF.mT, zS, alpha=-1.0),
+                               self.M_LF.mT, zL, alpha=-1.0) / self.t_F[..., None]
         else:
             zF = rF / self.t_F[..., None]
-            zS = self._lu.solve(rS - self.M_SF @ zF)
-            zL = (rL - self.M_LF @ zF - self.M_LS @ zS) / self.t_L[..., None]
+            zS = self._lu.solve(torch.baddbmm(rS, self.M_SF, zF, alpha=-1.0))
+            zL = torch.baddbmm(torch.baddbmm(rL, self.M_LF, zF, alpha=-1.0),
+                               self.M_LS, zS, alpha=-1.0) / self.t_L[..., None]
         return _take_rows(torch.cat((zF, zS, zL), 1), inverse)
 
 
