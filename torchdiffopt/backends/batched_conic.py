@@ -172,7 +172,7 @@ class BlockDiagonalD:
         columns = [span if span is not None else idx.reshape(-1)
                    for (idx, _), span in zip(self.blocks, self._spans)]
         # (a run's columns read as a slice, and the k blocks as one batched matmul:
-        # 0.75 -> 0.35 ms against an index list and einsum for W4's elimination blocks)
+        # 0.75 -> 0.5 ms against an index list and einsum for W4's elimination blocks)
         parts = [(X[..., cols].unflatten(-1, idx.shape).transpose(-3, -2)
                   @ (mats.mT if transpose else mats)).transpose(-3, -2).flatten(-2)
                  for (idx, mats), cols in zip(self.blocks, columns)]
@@ -288,39 +288,15 @@ class ResidualJacobians:
         Every member eliminates as many as the fewest of the valid members can (the rest
         stay in ``M_SS``: keeping an eliminable unknown there with its row is always
         allowed); a failed member's ``M`` is the identity in its natural order."""
-        A, D, valid, n = self.A, self.D, self.valid, self.n
-        if not bool(valid.any()):
+        sets = self._elimination_sets()
+        if sets is None:
             return None
+        i_F, j_F, i_I, u_S, v_S, s_d, cone_rows = sets
+        A, D, valid, n = self.A, self.D, self.valid, self.n
         B, m = A.shape[:2]
         N, device = n + m, A.device
-        diagonal = torch.ones(m, dtype=torch.bool, device=device)
-        for idx, _ in D.blocks:
-            diagonal[idx.reshape(-1)] = False
-        single, column = self.single_entries
-        bound = diagonal & single & (D.diag == 1)
-        bounds_per_column = torch.zeros(B, n, dtype=A.dtype, device=device).scatter_add(
-            1, column, bound.to(A.dtype))
-        pair = bound & (bounds_per_column.gather(1, column) == 1)
-        inactive = diagonal & (D.diag == 0)
-        k_F, k_I = (int(mask[valid].sum(1).min()) for mask in (pair, inactive))
-        if 2 * k_F + k_I < TRIANGULAR_MIN_FRACTION * N:
-            return None
-        first = lambda mask, k: slots(mask)[0][:, :k]  # noqa: E731  (in order)
-        # a failed member's sets are any of the right sizes (its blocks are replaced below)
+        k_I, s_u, s_v = i_I.shape[1], u_S.shape[1], v_S.shape[1]
         keep = valid[:, None]
-        ranks = torch.cumsum(diagonal, 0) - 1
-        i_F = first(torch.where(keep, pair, diagonal & (ranks < k_F)), k_F)
-        i_I = first(torch.where(keep, inactive,
-                                diagonal & (ranks >= k_F) & (ranks < k_F + k_I)), k_I)
-        j_F = torch.where(keep, column.gather(1, i_F), torch.arange(k_F, device=device))
-        free = torch.ones(B, n, dtype=torch.bool, device=device).scatter_(1, j_F, False)
-        kept = diagonal.expand(B, m).clone()
-        kept.scatter_(1, torch.cat((i_F, i_I), 1), False)
-        s_u, s_d = n - k_F, int(diagonal.sum()) - k_F - k_I
-        cone_rows = torch.nonzero(~diagonal).flatten()
-        u_S = first(free, s_u)
-        v_S = torch.cat((first(kept, s_d), cone_rows.expand(B, -1)), 1)
-        s_v = v_S.shape[1]
         # P with its rows and columns in the order (u_S, F), A's rows v_S and I so, and the
         # pairs' entries A_{i_k j_k}
         u_order = torch.cat((u_S, j_F), 1)
@@ -351,6 +327,45 @@ class ResidualJacobians:
             M_SF, M_LF, M_LS = (torch.where(keep[..., None], t, 0.0)
                                 for t in (M_SF, M_LF, M_LS))
         return TriangularElimination(rows, cols, t_F, M_SF, M_SS, M_LF, M_LS, t_L)
+
+    def _elimination_sets(self):
+        """The index sets of :meth:`eliminated`, every member's in order: the pairs' rows
+        ``i_F`` and variables ``j_F`` ``(B, k_F)``, the inactive rows ``i_I (B, k_I)``, the
+        variables left ``u_S (B, n - k_F)`` and the rows left ``v_S`` (the kept diagonal
+        rows, ``s_d`` of them, then ``cone_rows``, the cones' rows); None where too few
+        unknowns come out. A failed member's sets are any of the right sizes."""
+        A, D, valid, n = self.A, self.D, self.valid, self.n
+        if not bool(valid.any()):
+            return None
+        B, m = A.shape[:2]
+        N, device = n + m, A.device
+        diagonal = torch.ones(m, dtype=torch.bool, device=device)
+        for idx, _ in D.blocks:
+            diagonal[idx.reshape(-1)] = False
+        single, column = self.single_entries
+        bound = diagonal & single & (D.diag == 1)
+        bounds_per_column = torch.zeros(B, n, dtype=A.dtype, device=device).scatter_add(
+            1, column, bound.to(A.dtype))
+        pair = bound & (bounds_per_column.gather(1, column) == 1)
+        inactive = diagonal & (D.diag == 0)
+        k_F, k_I = (int(mask[valid].sum(1).min()) for mask in (pair, inactive))
+        if 2 * k_F + k_I < TRIANGULAR_MIN_FRACTION * N:
+            return None
+        first = lambda mask, k: slots(mask)[0][:, :k]  # noqa: E731  (in order)
+        keep = valid[:, None]
+        ranks = torch.cumsum(diagonal, 0) - 1
+        i_F = first(torch.where(keep, pair, diagonal & (ranks < k_F)), k_F)
+        i_I = first(torch.where(keep, inactive,
+                                diagonal & (ranks >= k_F) & (ranks < k_F + k_I)), k_I)
+        j_F = torch.where(keep, column.gather(1, i_F), torch.arange(k_F, device=device))
+        free = torch.ones(B, n, dtype=torch.bool, device=device).scatter_(1, j_F, False)
+        kept = diagonal.expand(B, m).clone()
+        kept.scatter_(1, torch.cat((i_F, i_I), 1), False)
+        s_u, s_d = n - k_F, int(diagonal.sum()) - k_F - k_I
+        cone_rows = torch.nonzero(~diagonal).flatten()
+        u_S = first(free, s_u)
+        v_S = torch.cat((first(kept, s_d), cone_rows.expand(B, -1)), 1)
+        return i_F, j_F, i_I, u_S, v_S, s_d, cone_rows
 
     @functools.cached_property
     def norm_bound(self) -> torch.Tensor:
