@@ -369,3 +369,38 @@ def test_the_backward_computes_only_the_cotangents_asked_for(monkeypatch, B):
     grads = torch.autograd.grad(x.sum(), leaves)
     assert asked[-1] == [True, True, False, True, True]
     torch.testing.assert_close(g_p, grads[1], atol=1e-12, rtol=1e-12)
+
+
+def test_solution_maps_skip_the_argument_binding_outside_transforms(monkeypatch):
+    """QPSolve.apply does not bind its arguments through inspect.signature outside
+    torch.func transforms (PositionalFunction), and gives the same solution and gradient
+    as torch's own Function.apply; under vmap torch's path still serves."""
+    import inspect
+
+    from torchdiffopt.folding import PositionalFunction
+    g = torch.Generator().manual_seed(3)
+    L = torch.randn(2, 4, 4, generator=g, dtype=torch.float64)
+    P = L @ L.mT + torch.eye(4, dtype=torch.float64)
+    q = torch.randn(2, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    G = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    h = torch.rand(3, generator=g, dtype=torch.float64)
+
+    def solve_and_grad():
+        x = tdo.functional.qp(P, q, G=G, h=h)
+        (grad,) = torch.autograd.grad((x * x).sum(), q)
+        return x.detach(), grad
+
+    signature = inspect.signature
+    calls = []
+    monkeypatch.setattr(inspect, "signature",
+                        lambda *a, **k: (calls.append(a[0]), signature(*a, **k))[1])
+    x, grad = solve_and_grad()
+    assert not [f for f in calls if getattr(f, "__qualname__", "").startswith("QPSolve")]
+    # torch's own apply, for reference
+    monkeypatch.setattr(PositionalFunction, "apply", classmethod(
+        lambda cls, *args: torch.autograd.Function.apply.__func__(cls, *args)))
+    x_ref, grad_ref = solve_and_grad()
+    assert torch.equal(x, x_ref) and torch.equal(grad, grad_ref)
+    monkeypatch.undo()
+    vmapped = torch.func.vmap(lambda Pb, qb: tdo.functional.qp(Pb, qb, G=G, h=h))(P, q.detach())
+    torch.testing.assert_close(vmapped, x, rtol=1e-9, atol=1e-9)

@@ -43,7 +43,7 @@ from .backends.conic import ConicDerivative
 from .backends.cones import ConeDims, kinks_rows, project_rows
 from .errors import NonconvexError, warn_degenerate
 from .linalg.factorization import DENSE_MAX_ORDER
-from .folding import (accepts_batched_grads, derivative_under_transforms,
+from .folding import (PositionalFunction, accepts_batched_grads, derivative_under_transforms,
                       guards_second_derivatives, needs_plain_seeds, reject_nested_derivatives,
                       seed_batch, vmap_by_folding)
 from .qp_function import _positive_definite
@@ -337,7 +337,7 @@ def _warn_degenerate(singular: list, kinked: dict) -> None:
             "taken on the side of the solver's point")
 
 
-class ConicSolve(torch.autograd.Function):
+class ConicSolve(PositionalFunction):
     """``(P_vals, c, A_vals, b, margins) ↦ (x, y, s)`` for a batch (leading dimension ``B`` on
     every input and output), float64. ``backward`` is the vector-Jacobian product, ``jvp`` the
     Jacobian-vector product, ``vmap`` folds a vmapped dimension into the batch."""

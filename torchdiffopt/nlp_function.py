@@ -18,9 +18,8 @@ import numpy as np
 import torch
 
 from .pipelines import NonlinearPipeline
-from .folding import (accepts_batched_grads, derivative_under_transforms,
-                      guards_second_derivatives, needs_plain_seeds, seed_batch,
-                      vmap_by_folding)
+from .folding import (PositionalFunction, accepts_batched_grads, derivative_under_transforms,
+                      guards_second_derivatives, needs_plain_seeds, seed_batch, vmap_by_folding)
 from .solvers.batch import record_outcomes, solve_each
 
 _F64 = torch.float64
@@ -62,7 +61,7 @@ def _solve_members(call: NLPCall, theta: tuple):
     return x.to(device), mu.to(device), f.to(device)
 
 
-class NLPSolve(torch.autograd.Function):
+class NLPSolve(PositionalFunction):
     """``θ ↦ (x*, μ*, f*)`` for a batch of NLPs (internal minimization, float64)."""
 
     @staticmethod

@@ -29,9 +29,8 @@ from .backends.batched_quadratic import ALL_COTANGENTS, BatchedQuadraticKKT, wit
 from .backends.quadratic import DataTangent, QuadraticKKT, bound_rows, check_convex
 from .backends.single_quadratic import single_kkt, well_pivoted_cholesky
 from .errors import NonconvexError, SolverError, warn_degenerate
-from .folding import (accepts_batched_grads, derivative_under_transforms,
-                      guards_second_derivatives, needs_plain_seeds, seed_batch,
-                      vmap_by_folding)
+from .folding import (PositionalFunction, accepts_batched_grads, derivative_under_transforms,
+                      guards_second_derivatives, needs_plain_seeds, seed_batch, vmap_by_folding)
 from .linalg.factorization import DENSE_MAX_ORDER
 from .linalg.threads import serial_if_small, serial_numpy_blas
 from .solvers import NumericQP, qp_solver, solve_highs, solve_scs
@@ -541,7 +540,7 @@ def _moving_inputs(inputs, seeds):
     return inputs if seeds[2] is not None else (inputs[0], inputs[3])
 
 
-class QPSolve(torch.autograd.Function):
+class QPSolve(PositionalFunction):
     """``(P_vals, q, r, C_vals, c0) ↦ (x*, μ*, f*)`` for a batch (leading dimension ``B``)
     of internal QPs, in float64. ``backward`` is the vector-Jacobian product, ``jvp`` the
     Jacobian-vector product, ``vmap`` folds a vmapped dimension into the batch."""
