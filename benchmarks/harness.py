@@ -10,10 +10,10 @@ Per method the harness records
 
 * forward, backward and total time: the median over the timed repetitions, after one
   warm-up call. The methods of a case take turns, one call each per round, so that a change
-  in the machine's load falls on all of them, and each round starts one method later, so
-  that no method always follows the same one (what a method leaves behind outlasts even the
-  untimed call below: W4 with Clarabel, 51.5 ms after our own other method, 54.5 ms after
-  cvxpylayers with Clarabel). A method whose warm-up took under
+  in the machine's load falls on all of them, in a new order each round, so that no method
+  always follows the same one (what a method leaves behind outlasts even the untimed call
+  below: W4 with Clarabel, 51.5 ms after our own other method, 54.5 ms after cvxpylayers
+  with Clarabel). A method whose warm-up took under
   :data:`REWARM_BELOW_S` makes one untimed call right before each timed one: a call of a
   few milliseconds timed right after another method's is slowed by what that method left
   behind (measured on W1 n=10 B=32: 2.8 ms alone, 3.3 ms after qpth, 6.6–10 ms after
@@ -34,6 +34,7 @@ Per method the harness records
 from __future__ import annotations
 
 import ctypes
+import random
 import statistics
 import time
 import warnings
@@ -236,10 +237,12 @@ def measure(case: Case, reps: int, budget_s: float) -> list[Result]:
             warm = timing.fwd[0] + timing.bwd[0]
             timing.planned = max(1, min(reps, int(budget_s / max(warm, 1e-9))))
         timings.append(timing)
+    order = list(timings)
     for round_ in range(reps):
-        # each round starts one method later, so that no method always follows the same one
-        shift = round_ % max(len(timings), 1)
-        for t in timings[shift:] + timings[:shift]:
+        # the turns in a new order each round (seeded: the same for every run), so that no
+        # method always follows the same one
+        random.Random(round_).shuffle(order)
+        for t in order:
             if t.result.status == "ok" and round_ < t.planned:
                 if t.fwd[0] + t.bwd[0] < REWARM_BELOW_S and not t.call(timed=False):
                     continue

@@ -10,7 +10,7 @@ from harness import REWARM_BELOW_S, Result
 
 LEGEND = f"""\
 Columns: times are medians over `reps` timed repetitions after one warm-up (forward, backward,
-and their sum per repetition; methods take turns, each round starting one method later, and one whose warm-up took under
+and their sum per repetition; methods take turns, in a new order each round, and one whose warm-up took under
 {REWARM_BELOW_S:g} s makes an untimed call right before each timed one, since a short call timed
 right after another method's runs up to 3× slower); `peak MiB` is the growth of the process's peak resident set
 during one forward + backward (Linux VmHWM after malloc_trim and a reset through
