@@ -1,4 +1,5 @@
-"""linalg.threads.serial_if_small: one torch thread for small problems, restored after."""
+"""Threads: linalg.threads (one torch or BLAS thread for small problems, restored after) and
+solvers.batch.map_in_threads (the process's kept pools of solver threads)."""
 
 import threading
 
@@ -142,3 +143,87 @@ def test_the_conic_pipeline_counts_the_cone_program_order():
     q.constraint(y.sum() <= 2)
     q.minimize(tdo.sum_squares(y - 1))
     assert pipeline_for(q).order == 3 + 1 + 3  # variables, the row, the three lower bounds
+
+
+def _run_with_deadline(target, seconds=60):
+    """``target()``'s result, or a test failure if it has not returned within ``seconds``
+    (a deadlock fails the test instead of hanging the suite)."""
+    out = {}
+
+    def run():
+        try:
+            out["value"] = target()
+        except BaseException as err:  # noqa: BLE001 - handed to the test below
+            out["error"] = err
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    runner.join(seconds)
+    assert not runner.is_alive(), f"no answer within {seconds} s"
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def test_map_in_threads_keeps_its_pool_and_the_order_of_the_items():
+    from torchdiffopt.solvers import batch
+    names = set()
+
+    def square(k):
+        names.add(threading.current_thread().name)
+        return k * k
+    items = list(range(40))
+    assert batch.map_in_threads(square, items, 2) == [k * k for k in items]
+    pool = batch._pools[2]
+    assert batch.map_in_threads(square, items, 2) == [k * k for k in items]
+    assert batch._pools[2] is pool  # the second call reused the first call's threads
+    assert names and all(name.startswith("torchdiffopt") for name in names)
+    # one item or one worker: in the calling thread
+    assert batch.map_in_threads(lambda k: threading.current_thread(), [0], 2) == \
+        [threading.current_thread()]
+
+
+def test_map_in_threads_runs_a_call_from_its_own_threads_serially():
+    """Both workers of a pool of two wait on an inner call: from a pool thread the inner
+    call runs in that thread, where queued on the busy pool it would wait forever."""
+    from torchdiffopt.solvers.batch import map_in_threads
+    inner_threads = []
+
+    def outer(k):
+        inner_threads.append({threading.current_thread() for _ in map_in_threads(
+            lambda j: threading.current_thread(), [0, 1, 2], 2)})
+        return sum(map_in_threads(lambda j: j + k, [0, 1, 2], 2))
+    assert _run_with_deadline(lambda: map_in_threads(outer, [0, 10], 2)) == [3, 33]
+    assert all(len(seen) == 1 for seen in inner_threads)
+
+
+def test_map_in_threads_raises_what_the_function_raised():
+    from torchdiffopt.solvers.batch import map_in_threads
+
+    def fails_on_three(k):
+        if k == 3:
+            raise ValueError("member 3")
+        return k
+    with pytest.raises(ValueError, match="member 3"):
+        map_in_threads(fails_on_three, list(range(6)), 2)
+    assert map_in_threads(lambda k: -k, [1, 2], 2) == [-1, -2]  # the pool is still usable
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_a_forked_child_makes_its_own_pool():
+    """A child forked after the parent's pool started has none of its threads: its first
+    call must make a new pool, not queue on the parent's copied one and wait forever."""
+    import multiprocessing
+    import time
+
+    from torchdiffopt.solvers.batch import map_in_threads
+    for _ in range(3):  # the parent's pool, started, and its two threads both idle after
+        map_in_threads(lambda k: time.sleep(0.005), list(range(8)), 2)
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as children:
+        result = children.apply_async(_squares_in_threads, ([1, 2, 3],))
+        assert result.get(timeout=60) == [1, 4, 9]
+
+
+def _squares_in_threads(items):
+    from torchdiffopt.solvers.batch import map_in_threads
+    return map_in_threads(lambda k: k * k, items, 2)

@@ -29,14 +29,13 @@ pool overhead than a 20-variable QP takes to solve).
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from ctypes import c_int
 
 import daqp
 import numpy as np
 import torch
 
-from .batch import CPU_COUNT
+from .batch import CPU_COUNT, map_in_threads
 from .ipm import (DUAL_INFEASIBLE, NOT_CONVERGED, OPTIMAL, PRIMAL_INFEASIBLE, IPMResult,
                   status_error)
 from .solution import NumericQP, Solution
@@ -168,8 +167,7 @@ def solve_daqp(P, q, C, c0, sense, lb=None, ub=None, *,
         solve_chunk(range(B))
     else:
         cuts = np.linspace(0, B, workers + 1).astype(int)
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(solve_chunk, [range(lo, hi) for lo, hi in zip(cuts, cuts[1:])]))
+        map_in_threads(solve_chunk, [range(lo, hi) for lo, hi in zip(cuts, cuts[1:])], workers)
 
     mu = form.multipliers(lam)
     optimal = status == OPTIMAL
