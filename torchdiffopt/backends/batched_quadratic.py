@@ -599,10 +599,12 @@ class ActiveSetDerivatives:
         x, mu = self.x, self.mu
         # matmul against the point broadcast over the directions, not einsum: under vmap
         # the tangents' vmapped dimension leads physically, and einsum's bmm would need
-        # the batch dimension first, a copy of each tangent (W6, 50 directions: 32 MB each)
-        x_col, x_row = x[:, None, :, None], x[:, None, None, :]
-        dCx = (dC @ x_col).squeeze(-1) + dc0
-        dPx = (dP @ x_col).squeeze(-1)
+        # the batch dimension first, a copy of each tangent (W6, 50 directions: 32 MB each);
+        # and every product with the point's row, ``dC x`` as ``xᵀ dCᵀ``: under vmap a
+        # product with a column vector took twice as long (W6: 1.8–2.1 against 0.8–0.9 ms)
+        x_row = x[:, None, None, :]
+        dCx = (x_row @ dC.mT).squeeze(-2) + dc0
+        dPx = (x_row @ dP.mT).squeeze(-2)
         dPtx = (x_row @ dP).squeeze(-2)
         rhs_x = 0.5 * (dPx + dPtx) + dq + (mu[:, None, None, :] @ dC).squeeze(-2)
         pad = rhs_x.new_zeros(*rhs_x.shape[:2], self.M - m)
