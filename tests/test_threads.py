@@ -176,6 +176,11 @@ def test_map_in_threads_keeps_its_pool_and_the_order_of_the_items():
     pool = batch._pools[2]
     assert batch.map_in_threads(square, items, 2) == [k * k for k in items]
     assert batch._pools[2] is pool  # the second call reused the first call's threads
+    # fewer items than workers: the pool of the workers asked for, not one per batch size
+    assert batch.map_in_threads(square, items, 5) == [k * k for k in items]
+    sizes = set(batch._pools)
+    assert batch.map_in_threads(square, [2, 3, 4], 5) == [4, 9, 16]
+    assert set(batch._pools) == sizes
     assert names and all(name.startswith("torchdiffopt") for name in names)
     # one item or one worker: in the calling thread
     assert batch.map_in_threads(lambda k: threading.current_thread(), [0], 2) == \

@@ -167,7 +167,8 @@ def solve_daqp(P, q, C, c0, sense, lb=None, ub=None, *,
         solve_chunk(range(B))
     else:
         cuts = np.linspace(0, B, workers + 1).astype(int)
-        map_in_threads(solve_chunk, [range(lo, hi) for lo, hi in zip(cuts, cuts[1:])], workers)
+        map_in_threads(solve_chunk, [range(lo, hi) for lo, hi in zip(cuts, cuts[1:])],
+                       n_jobs or CPU_COUNT)
 
     mu = form.multipliers(lam)
     optimal = status == OPTIMAL
