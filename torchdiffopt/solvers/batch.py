@@ -40,8 +40,11 @@ def _mark_pool_thread() -> None:
 
 
 def _forget_pools() -> None:
-    # a forked child has none of its parent's threads: its pools are made anew
+    # a forked child has none of its parent's threads: its pools are made anew, under a new
+    # lock (another of the parent's threads may have held the old one at the fork)
+    global _pools_lock
     _pools.clear()
+    _pools_lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_forget_pools)
