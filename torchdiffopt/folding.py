@@ -374,3 +374,63 @@ class _ColumnSolve(PositionalFunction):
         folded = rhs.movedim(dim, -1)  # (*batch, N, k, V)
         z = _ColumnSolve.apply(solve, folded.reshape(*folded.shape[:-2], -1))
         return z.reshape(folded.shape), folded.dim() - 1
+
+
+def point_product(T: torch.Tensor, y: torch.Tensor, side: str) -> torch.Tensor:
+    """A batch of matrices times one vector per member: for ``T (B, D, r, c)`` (``D``
+    directions of data tangents) and the point ``y``, ``side="right"`` gives ``T y``
+    (``y (B, c)`` → ``(B, D, r)``) and ``side="left"`` gives ``yᵀ T`` (``y (B, r)`` →
+    ``(B, D, c)``).
+
+    The products are one ``bmm`` over every matrix, the vector laid out as a contiguous
+    row (``(N, 1, c)``, taken transposed for ``T y``): MKL's batched GEMM is sensitive to
+    the vector's layout, and the same product took, for W6's 1,600 matrices of order 50
+    (AMD EPYC, 2 cores), 0.46 ms this way, 1.1 ms with the vector as a contiguous column
+    and 4.7 ms as ``Tᵀ x``. Under ``vmap`` each vmapped dimension of ``T`` is folded into
+    that one ``bmm`` (:class:`_PointProduct`): the batching rule of ``matmul`` took
+    1.3–2.0 ms."""
+    if not is_transformed(T, y):
+        return _point_product(T, y, side)
+    return _PointProduct.apply(T, y, side)
+
+
+def _point_product(T, y, side):
+    """:func:`point_product` on plain tensors; ``T (*lead, r, c)``, ``y`` with the leading
+    dimensions of ``T`` but its last (the directions), for any number of them."""
+    *lead, r, c = T.shape
+    size = c if side == "right" else r
+    rows = y.unsqueeze(-2).expand(*lead, size).reshape(-1, 1, size)
+    flat = T.reshape(-1, r, c)
+    out = torch.bmm(flat, rows.mT) if side == "right" else torch.bmm(rows, flat)
+    return out.reshape(*lead, -1)
+
+
+class _PointProduct(PositionalFunction):
+    """``apply(T, y, side) = point_product(T, y, side)`` with a ``vmap`` rule that folds
+    the vmapped dimension into the matrices. Not differentiable itself: a derivative of it
+    is a second derivative of a solution map."""
+
+    @staticmethod
+    def forward(T, y, side):
+        return _point_product(T, y, side)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError(_SECOND_DERIVATIVES)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(_SECOND_DERIVATIVES)
+
+    @staticmethod
+    def vmap(info, in_dims, T, y, side):
+        T_dim, y_dim = in_dims[:2]
+        V = info.batch_size
+        # the vmapped dimension first on both (expanded where absent: a view)
+        T = T.unsqueeze(0).expand(V, *T.shape) if T_dim is None else T.movedim(T_dim, 0)
+        y = y.unsqueeze(0).expand(V, *y.shape) if y_dim is None else y.movedim(y_dim, 0)
+        return _PointProduct.apply(T, y, side), 0
