@@ -1,5 +1,7 @@
 """A DistributedDataParallel training run with a QP layer (one process per rank)."""
 
+import os
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -49,3 +51,8 @@ def train(rank, world, init_file, out_dir, steps=15):
     weights = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
     torch.save({"losses": losses, "weights": weights}, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
+    # leave without the interpreter's teardown: there gloo's threads can still release
+    # tensors of the last all-reduce and abort the process ("terminate called without an
+    # active exception": 3 runs in 10 on an AMD EPYC, with or without the layer in the
+    # network; none in 30 this way). The results are saved and closed above.
+    os._exit(0)
