@@ -55,8 +55,7 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 def cpu_model() -> str:
     """The processor's name (Linux: ``/proc/cpuinfo``), else what ``platform`` says: the
-    ratios move with it (W4 against cvxpylayers, the same code on 2 cores: 2.8-3.5x on
-    an Intel Xeon, 2.5x on an AMD EPYC)."""
+    ratios against the peers move with it (README, Performance)."""
     try:
         with open("/proc/cpuinfo") as info:
             for line in info:
