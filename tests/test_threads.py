@@ -173,32 +173,57 @@ def test_map_in_threads_keeps_its_pool_and_the_order_of_the_items():
         return k * k
     items = list(range(40))
     assert batch.map_in_threads(square, items, 2) == [k * k for k in items]
-    pool = batch._pools[2]
+    pool = batch._pools[1]  # two workers: the caller and one pool thread
     assert batch.map_in_threads(square, items, 2) == [k * k for k in items]
-    assert batch._pools[2] is pool  # the second call reused the first call's threads
+    assert batch._pools[1] is pool  # the second call reused the first call's threads
     # fewer items than workers: the pool of the workers asked for, not one per batch size
     assert batch.map_in_threads(square, items, 5) == [k * k for k in items]
     sizes = set(batch._pools)
     assert batch.map_in_threads(square, [2, 3, 4], 5) == [4, 9, 16]
     assert set(batch._pools) == sizes
-    assert names and all(name.startswith("torchdiffopt") for name in names)
+    caller = threading.current_thread().name
+    assert names - {caller} and all(name.startswith("torchdiffopt") for name in names - {caller})
     # one item or one worker: in the calling thread
     assert batch.map_in_threads(lambda k: threading.current_thread(), [0], 2) == \
         [threading.current_thread()]
 
 
-def test_map_in_threads_runs_a_call_from_its_own_threads_serially():
-    """Both workers of a pool of two wait on an inner call: from a pool thread the inner
-    call runs in that thread, where queued on the busy pool it would wait forever."""
+def test_map_in_threads_gives_the_items_to_the_threads_as_they_come_free():
+    """A thread held up on its first item takes no other: the rest run in the other
+    thread (items are taken one at a time, not split in fixed shares)."""
+    import time
+
     from torchdiffopt.solvers.batch import map_in_threads
+    seen = {}
+
+    def work(k):
+        if k == 0:
+            time.sleep(0.5)
+        seen[k] = threading.get_ident()
+        return k
+    assert map_in_threads(work, list(range(9)), 2) == list(range(9))
+    assert len(set(seen.values())) == 2
+    assert all(seen[k] != seen[0] for k in range(1, 9))
+
+
+def test_map_in_threads_runs_a_call_from_its_own_threads_serially():
+    """A pool thread's inner call runs in that thread, where queued on the busy pool it
+    would wait forever; the caller's inner call is served too."""
+    import time
+
+    from torchdiffopt.solvers import batch
     inner_threads = []
 
     def outer(k):
-        inner_threads.append({threading.current_thread() for _ in map_in_threads(
-            lambda j: threading.current_thread(), [0, 1, 2], 2)})
-        return sum(map_in_threads(lambda j: j + k, [0, 1, 2], 2))
-    assert _run_with_deadline(lambda: map_in_threads(outer, [0, 10], 2)) == [3, 33]
-    assert all(len(seen) == 1 for seen in inner_threads)
+        time.sleep(0.05)  # long enough for the pool thread to take an item
+        inside = getattr(batch._pool_thread, "inside", False)
+        inner_threads.append((inside, {threading.current_thread() for _ in batch.map_in_threads(
+            lambda j: threading.current_thread(), [0, 1, 2], 2)}))
+        return sum(batch.map_in_threads(lambda j: j + k, [0, 1, 2], 2))
+    assert _run_with_deadline(lambda: batch.map_in_threads(outer, [0, 10, 20], 2)) == \
+        [3, 33, 63]
+    assert any(inside for inside, _ in inner_threads)
+    assert all(len(seen) == 1 for inside, seen in inner_threads if inside)
 
 
 def test_map_in_threads_raises_what_the_function_raised():

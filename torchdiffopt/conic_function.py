@@ -43,13 +43,14 @@ from .backends.conic import ConicDerivative
 from .backends.cones import ConeDims, kinks_rows, project_rows
 from .errors import NonconvexError, warn_degenerate
 from .linalg.factorization import DENSE_MAX_ORDER
+from .linalg.threads import take_last
 from .folding import (PositionalFunction, accepts_batched_grads, derivative_under_transforms,
                       guards_second_derivatives, needs_plain_seeds, reject_nested_derivatives,
                       seed_batch, vmap_by_folding)
 from .qp_function import _positive_definite
 from .solvers import (BATCHED_CONIC_SOLVERS, SEQUENCED_CONIC_SOLVERS, conic_solver,
                       solve_scs_conic)
-from .solvers.batch import CPU_COUNT, record_outcomes, solve_each, status_of
+from .solvers.batch import record_outcomes, solve_each, status_of
 from .solvers.cone_program import ACCEPT_RESIDUAL, ConicSolution, inaccuracy, residual_rows
 from .solvers.conic_ipm import solve_ipm_conic, supports
 from .solvers.ipm import OPTIMAL, status_error
@@ -172,12 +173,19 @@ def _sequence_takes_entries(st: ConicStructure) -> bool:
     return sequenced is not None and sequenced.takes_entries(st.dims)
 
 
+#: members per run of :func:`_solve_in_sequences`: small runs let a thread slowed down take
+#: fewer (W4, 64 members in two threads: runs of 4 against two runs of 32 saved 1–1.5 ms of
+#: the 17–19 ms its solves took)
+SEQUENCE_RUN = 4
+
+
 def _solve_in_sequences(st: ConicStructure, todo: list, P_vals, c, A_vals, b) -> list:
     """The members ``todo`` (data: the batch's numpy arrays, finite) by the sequenced
-    adapter, in ``n_jobs`` contiguous runs, one sequence per thread: a :class:`_Member`
-    (unchecked: :func:`_check_together` follows) or the error naming its failure, per
-    member. ``P``'s convexity is tested for the batch at once (a batched Cholesky, as the
-    batched interior point's)."""
+    adapter, in runs of :data:`SEQUENCE_RUN` members that ``n_jobs`` threads take as they
+    come free, one sequence per thread: a :class:`_Member` (unchecked:
+    :func:`_check_together` follows) or the error naming its failure, per member. ``P``'s
+    convexity is tested for the batch at once (a batched Cholesky, as the batched interior
+    point's)."""
     pt, idx = st.pattern, np.asarray(todo)
     options = {k: v for k, v in st.solver_options.items() if k != "accept"}
     A, A_data = pt.csc_entries(A_vals[idx], "A")
@@ -186,12 +194,14 @@ def _solve_in_sequences(st: ConicStructure, todo: list, P_vals, c, A_vals, b) ->
     if len(pt.P_rows):
         P, P_data = pt.csc_entries(P_vals[idx], "P_upper")
         convex = _symmetric_P(pt, torch.from_numpy(P_vals[idx]))[1].numpy()
-    runs = [run for run in np.array_split(np.flatnonzero(convex),
-                                          min(len(idx), st.n_jobs or CPU_COUNT)) if len(run)]
-    sequenced = SEQUENCED_CONIC_SOLVERS[st.solve]
+    solvable = np.flatnonzero(convex)
+    runs = [solvable[k:k + SEQUENCE_RUN] for k in range(0, len(solvable), SEQUENCE_RUN)]
+    sequenced, local = SEQUENCED_CONIC_SOLVERS[st.solve], threading.local()
 
     def solve_run(run):
-        return sequenced(st.dims, **options).solve_entries(
+        if not hasattr(local, "sequence"):
+            local.sequence = sequenced(st.dims, **options)
+        return local.sequence.solve_entries(
             A, A_data[run], b[idx[run]], c[idx[run]], P, None if P_data is None else P_data[run])
 
     outcomes: list = [_indefinite() for _ in idx]
@@ -403,8 +413,8 @@ def conic_lagrangian(pattern: ConicPattern, values, x, y) -> torch.Tensor:
     dev = c.device
     Pi, Pj = pattern.idx("P_rows", dev), pattern.idx("P_cols", dev)
     Ai, Aj = pattern.idx("A_rows", dev), pattern.idx("A_cols", dev)
-    return (r + (c * x).sum(-1) + 0.5 * (P_vals * x[..., Pi] * x[..., Pj]).sum(-1)
-            + (A_vals * y[..., Ai] * x[..., Aj]).sum(-1) - (y * b).sum(-1))
+    return (r + (c * x).sum(-1) + 0.5 * (P_vals * take_last(x, Pi) * take_last(x, Pj)).sum(-1)
+            + (A_vals * take_last(y, Ai) * take_last(x, Aj)).sum(-1) - (y * b).sum(-1))
 
 
 def conic(A, b, c, cones, *, P=None, return_duals: bool = False, refine: bool = True,

@@ -35,6 +35,7 @@ from .modeling.model import ConstraintRef, Model, ObjectiveRef
 from .nlp_function import NLPCall, NLPSolve
 from .pipelines import ConicPipeline, NonlinearPipeline, pipeline_for
 from .folding import envelope_point, reject_nested_derivatives
+from .linalg.threads import take_last
 from .qp_function import QPSolve, QPStructure, SolveCall, failure_error
 
 _F64 = torch.float64
@@ -188,7 +189,7 @@ class Layer(torch.nn.Module):
         :func:`~.folding.envelope_point`; :func:`conic_lagrangian`). Linear in
         all three, so it maps tangents too (``point`` unsqueezed over the directions)."""
         rows, cols, vals = (t.to(y.device) for t in self._T)
-        mu = y.new_zeros(*y.shape[:-1], self.form.m).index_add(-1, cols, -vals * y[..., rows])
+        mu = y.new_zeros(*y.shape[:-1], self.form.m).index_add(-1, cols, -vals * take_last(y, rows))
         return x[..., :self.form.n], mu, conic_lagrangian(self.structure.pattern, values, *point)
 
     def _solve(self, theta, B, device):

@@ -46,6 +46,7 @@ from ..errors import warn_degenerate
 from ..folding import is_transformed
 from ..linalg.elimination import TriangularElimination
 from ..linalg.factorization import DENSE_MAX_ORDER, DenseFactorization, slots
+from ..linalg.threads import take_last
 from .cones import project_rows, projection_derivative_blocks
 from .conic import newton_refine
 
@@ -77,7 +78,7 @@ class ConicPattern:
         """``(M x)`` for the sparse matrix of entries ``vals (..., nnz)`` at ``(rows, cols)``
         and ``x (..., ·)``: ``out[..., rows_e] += vals_e x[..., cols_e]``."""
         r, c = self.idx(rows, vals.device), self.idx(cols, vals.device)
-        prod = vals * x[..., c]
+        prod = vals * take_last(x, c)
         return prod.new_zeros(*prod.shape[:-1], size).index_add(-1, r, prod)
 
     def csc(self, vals: np.ndarray, which: str) -> sp.csc_matrix:
@@ -141,7 +142,9 @@ class ConicPattern:
         """``(B, nnz) → (B, *shape)``, repeated entries added."""
         r, c = self.idx(rows, vals.device), self.idx(cols, vals.device)
         out = vals.new_zeros(vals.shape[0], shape[0] * shape[1])
-        return out.index_add(-1, r * shape[1] + c, vals).unflatten(-1, shape)
+        if is_transformed(vals):  # (an in-place add into a plain tensor refuses a wrapped one)
+            return out.index_add(-1, r * shape[1] + c, vals).unflatten(-1, shape)
+        return out.index_add_(-1, r * shape[1] + c, vals).unflatten(-1, shape)
 
 
 class BlockDiagonalD:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..linalg.threads import take_last as take_last_of
+
 _INDEX = np.int64
 
 
@@ -65,7 +67,8 @@ def scatter_add_last(values: torch.Tensor, index: np.ndarray, size: int) -> torc
 
 
 def take_last(values: torch.Tensor, index: np.ndarray) -> torch.Tensor:
-    return values[..., torch.as_tensor(index, dtype=torch.long)]
+    """``values[..., index]`` (:func:`torchdiffopt.linalg.threads.take_last`)."""
+    return take_last_of(values, torch.as_tensor(index, dtype=torch.long, device=values.device))
 
 
 @dataclass

@@ -51,28 +51,53 @@ os.register_at_fork(after_in_child=_forget_pools)
 
 
 def map_in_threads(function, items: list, workers: int) -> list:
-    """``[function(item) for item in items]``, ``workers`` at a time, in a thread pool kept
-    for the process (one pool per ``workers`` asked for, whose threads start as they are
-    first needed, so that a pool is not made per batch size; the native solvers release the
-    GIL).
+    """``[function(item) for item in items]``, ``workers`` at a time: the calling thread and
+    ``workers - 1`` threads of a pool kept for the process (one pool per size asked for,
+    whose threads start as they are first needed; the native solvers release the GIL)
+    each take the next item as they come free, so that a thread slowed down (by another
+    process, or by torch's OpenMP worker still spinning after a parallel operation:
+    :mod:`torchdiffopt.linalg.threads`) takes fewer items instead of holding up the rest.
 
     The pool is kept because a new one costs each call its threads' start: about 0.3 ms a
     call on W1 (50 variables, batch 32: 7.53 → 7.26 ms forward + backward on 2 cores) and a
     late start of the second run of W4's Clarabel solves (2–8 ms after the first, against
-    0.3 ms from a kept pool). An exception raised by ``function`` propagates, as from
-    ``map``. A call from one of the pools' own threads runs serially: a task that waited on
-    its own pool's tasks could wait forever. A forked child makes its pools anew."""
+    0.3 ms from a kept pool). The caller works instead of waiting, which saves waking one
+    thread. An exception raised by ``function`` propagates once every thread has stopped
+    (no item is started after it). A call from one of the pools' own threads runs
+    serially: a task that waited on its own pool's tasks could wait forever. A forked child
+    makes its pools anew."""
     if min(workers, len(items)) <= 1 or getattr(_pool_thread, "inside", False):
         return [function(item) for item in items]
-    pool = _pools.get(workers)
+    pool = _pools.get(workers - 1)
     if pool is None:
         with _pools_lock:
-            pool = _pools.get(workers)
+            pool = _pools.get(workers - 1)
             if pool is None:
-                pool = _pools[workers] = ThreadPoolExecutor(
-                    max_workers=workers, thread_name_prefix="torchdiffopt",
+                pool = _pools[workers - 1] = ThreadPoolExecutor(
+                    max_workers=workers - 1, thread_name_prefix="torchdiffopt",
                     initializer=_mark_pool_thread)
-    return list(pool.map(function, items))
+    results, failures = [None] * len(items), []
+    queue, lock = iter(range(len(items))), threading.Lock()
+
+    def drain() -> None:
+        while not failures:
+            with lock:
+                k = next(queue, None)
+            if k is None:
+                return
+            try:
+                results[k] = function(items[k])
+            except BaseException as err:  # noqa: BLE001 - re-raised by the caller below
+                failures.append(err)
+
+    helpers = [pool.submit(drain) for _ in range(min(workers, len(items)) - 1)]
+    drain()
+    for helper in helpers:  # (one still queued behind another caller's task has no work)
+        if not helper.cancel():
+            helper.result()
+    if failures:
+        raise failures[0]
+    return results
 
 
 def solve_each(problems: list, solve, n_jobs: int | None = None) -> list:
