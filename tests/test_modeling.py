@@ -5,6 +5,7 @@ import time
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch
 
 import torchdiffopt as tdo
 from helpers import forward_derivative as forward
@@ -170,3 +171,42 @@ def test_large_model_builds_from_arrays():
     assert data.C_vals.shape[0] == A.nnz and data.m == n and data.P_vals.shape[0] == 2 * n
     assert con.shape == (n,)
     assert elapsed < 5.0
+
+
+@pytest.mark.parametrize("backend", ["quadratic", "conic"])
+def test_parameter_free_parts_are_evaluated_once_and_the_others_every_time(backend):
+    """A compiled form keeps the coefficient forms of its parameter-free expressions
+    (KeptForms) and, in the conic form, the rows when no row has a parameter: evaluations at
+    new parameter values must give the same data as a form compiled afresh, whichever part
+    holds the parameter."""
+    rng = np.random.default_rng(3)
+    A = rng.normal(size=(4, 3))
+
+    def model(in_rows: bool):
+        m = tdo.Model(backend=backend)
+        x = m.variable(3, lb=-2.0, ub=2.0, name="x")
+        c = m.parameter(np.ones(3), name="c")
+        b = m.parameter(np.ones(4), name="b")
+        m.constraint(A @ x <= (b if in_rows else np.ones(4)))
+        m.constraint(x.sum() == 0.5)
+        if backend == "conic":
+            m.constraint(tdo.norm2(A @ x) <= 3.0)
+        m.minimize(c @ x + (0.5 * tdo.sum_squares(x) if backend == "quadratic" else 0.0))
+        return m, [c, b]
+
+    for in_rows in (False, True):
+        m, params = model(in_rows)
+        form = m._sensitivity.pipeline().form
+        for _ in range(3):
+            values = {p: torch.tensor(rng.normal(size=p.shape)) for p in params}
+            fresh, _ = model(in_rows)
+            fresh_form = fresh._sensitivity.pipeline().form
+            kept = form.data(values).values()
+            again = fresh_form.data(dict(zip(fresh_form.parameters,
+                                             [values[p] for p in params]))).values()
+            assert len(kept) == len(again)
+            for a, b in zip(kept, again):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+        kept_rows = getattr(form, "_constant_rows", None)
+        if backend == "conic":
+            assert (kept_rows is not None) == (not in_rows)

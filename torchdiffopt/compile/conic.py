@@ -59,7 +59,7 @@ from ..errors import NonconvexError
 from ..modeling.atoms import NormAtom, atoms_in
 from ..modeling.canonical import (Canon, Terms, cat_last, empty_terms, scatter_add_last, stack,
                                   take_last)
-from ..modeling.expressions import Evaluator
+from ..modeling.expressions import Evaluator, KeptForms
 from ..modeling.sets import ConeConstraint
 from .layout import SENSE_CODES, DataForm
 from .quadratic import quadratic_objective
@@ -135,8 +135,8 @@ def _width(atom: NormAtom) -> int:
 class ConicEvaluator(Evaluator):
     """Coefficient forms in which each norm atom is its epigraph variable(s)."""
 
-    def __init__(self, parameter_values: dict, epigraph: dict):
-        super().__init__(parameter_values)
+    def __init__(self, parameter_values: dict, epigraph: dict, kept: KeptForms | None = None):
+        super().__init__(parameter_values, kept=kept)
         self.epigraph = epigraph
 
     def atom(self, atom: NormAtom) -> Canon:
@@ -153,6 +153,8 @@ class ConicForm(DataForm):
 
     def __init__(self, model):
         super().__init__(model)
+        self._kept = KeptForms()  # for data(): the parameter-free parts, evaluated once
+        self._constant_rows = None  # (slack, row margins) of _rows, once known constant
         obj = self.objective_expression
         if obj is not None and obj.degree > 2:
             raise ValueError("the objective is not quadratic: the conic backend takes "
@@ -311,7 +313,7 @@ class ConicForm(DataForm):
         optional leading batch dimensions, which the values then carry). With ``check``,
         raises :class:`~torchdiffopt.errors.NonconvexError` where an atom is not pushed down
         (:meth:`nonconvex_error`); without, the caller reads ``margins`` per member."""
-        ev = ConicEvaluator(parameter_values, self.epigraph)
+        ev = ConicEvaluator(parameter_values, self.epigraph, self._kept)
         dtype = ev.dtype
         obj = None if self.objective_expression is None else ev.canon(self.objective_expression)
         P_rows, P_cols, P_vals, c, r = quadratic_objective(obj, float(self.objective_sign),
@@ -321,27 +323,15 @@ class ConicForm(DataForm):
             raise ValueError(f"{atom.name}(...) appears in a product in the objective: norm "
                              "atoms enter objectives linearly, with a nonnegative weight "
                              "(for ‖x‖² write tdo.sum_squares(x))")
-        rows, cols, coef = self._fixed
-        slack = Canon(self.rows, torch.as_tensor(self._const, dtype=dtype),
-                      Terms(rows, (cols,), torch.as_tensor(coef, dtype=dtype)),
-                      empty_terms(2, torch.zeros(0, dtype=dtype)))
-        kappa = {}
-        margins = [c[..., self.n:]]
-        if self.constraints:
-            g = stack([ev.canon(con.relation.expression) for con in self.constraints])
-            margins.append(self._row_margins(g))
-            if self._inline:  # the inlined atoms' coefficients κ leave g for their cones
-                cols = g.lin.vars[0]
-                kappa = {a: take_last(g.lin.vals, np.flatnonzero(cols == self.epigraph[a]))
-                         .sum(-1, keepdim=True) for a in self._inline}
-                keep = np.flatnonzero(cols < self.n_total)
-                g = Canon(g.size, g.const, g.lin.select(keep, g.lin.rows[keep]), g.quad)
-            T_rows, T_cols, T_vals = self._T_entries
-            slack = slack + g.matmul_left(T_rows, T_cols, torch.as_tensor(T_vals, dtype=dtype),
-                                          self.rows, 1)
-        for atom, atom_rows in self._atom_rows:
-            slack = slack + self._epigraph_rows(ev, atom, kappa.get(atom)).reduce(atom_rows,
-                                                                                  self.rows)
+        if self._constant_rows is not None:
+            slack, row_margins = self._constant_rows
+        else:
+            slack, row_margins = self._rows(ev)
+            if all(self._kept.parameter_free(e) for e in
+                   [con.relation.expression for con in self.constraints]
+                   + [atom for atom, _ in self._atom_rows]):
+                self._constant_rows = slack, row_margins  # (no parameter in any row)
+        margins = [c[..., self.n:]] + ([] if row_margins is None else [row_margins])
         data = ConicData(self.n, self.n_total, P_rows, P_cols, P_vals, c, r,
                          slack.lin.rows, slack.lin.vars[0], -slack.lin.vals, slack.const,
                          self.cones, self.T, cat_last(margins))
@@ -359,6 +349,33 @@ class ConicForm(DataForm):
         """``data(θ).values()`` as a pure function of the parameter tensors (for torch.func;
         no convexity check, which needs the numbers: see ``margins``)."""
         return self.data(dict(zip(self.parameters, parameter_tensors)), check=False).values()
+
+    def _rows(self, ev: ConicEvaluator) -> tuple:
+        """The slacks of the cone program's rows, ``s = b - A x`` as a coefficient form
+        (the fixed rows, the user's rows through ``T`` and the atoms' cone rows), and the
+        margins of the atoms' coefficients in the user's rows (None without constraints)."""
+        dtype = ev.dtype
+        rows, cols, coef = self._fixed
+        slack = Canon(self.rows, torch.as_tensor(self._const, dtype=dtype),
+                      Terms(rows, (cols,), torch.as_tensor(coef, dtype=dtype)),
+                      empty_terms(2, torch.zeros(0, dtype=dtype)))
+        kappa, row_margins = {}, None
+        if self.constraints:
+            g = stack([ev.canon(con.relation.expression) for con in self.constraints])
+            row_margins = self._row_margins(g)
+            if self._inline:  # the inlined atoms' coefficients κ leave g for their cones
+                cols = g.lin.vars[0]
+                kappa = {a: take_last(g.lin.vals, np.flatnonzero(cols == self.epigraph[a]))
+                         .sum(-1, keepdim=True) for a in self._inline}
+                keep = np.flatnonzero(cols < self.n_total)
+                g = Canon(g.size, g.const, g.lin.select(keep, g.lin.rows[keep]), g.quad)
+            T_rows, T_cols, T_vals = self._T_entries
+            slack = slack + g.matmul_left(T_rows, T_cols, torch.as_tensor(T_vals, dtype=dtype),
+                                          self.rows, 1)
+        for atom, atom_rows in self._atom_rows:
+            slack = slack + self._epigraph_rows(ev, atom, kappa.get(atom)).reduce(atom_rows,
+                                                                                  self.rows)
+        return slack, row_margins
 
     def _epigraph_rows(self, ev: ConicEvaluator, atom: NormAtom, kappa=None) -> Canon:
         """The cone rows of an atom (module docstring), as a coefficient form; for an

@@ -26,7 +26,7 @@ import torch
 
 from ..modeling.atoms import atoms_in
 from ..modeling.canonical import Canon, cat_last, scatter_add_last
-from ..modeling.expressions import Evaluator
+from ..modeling.expressions import Evaluator, KeptForms
 from .layout import DataForm
 
 
@@ -85,6 +85,7 @@ class QuadraticForm(DataForm):
 
     def __init__(self, model):
         super().__init__(model)
+        self._kept = KeptForms()  # for data(): the parameter-free parts, evaluated once
         self.reject_cones("quadratic")
         if atoms_in([self.objective_expression]
                     + [c.relation.expression for c in self.constraints]):
@@ -102,7 +103,7 @@ class QuadraticForm(DataForm):
 
     def data(self, parameter_values: dict) -> QuadraticData:
         """Evaluate ``P, q, r, C, c0`` for ``parameter_values`` (Parameter → tensor)."""
-        ev = Evaluator(parameter_values)
+        ev = Evaluator(parameter_values, kept=self._kept)
         dtype = ev.dtype
         obj = None if self.objective_expression is None else ev.canon(self.objective_expression)
         P_rows, P_cols, P_vals, q, r = quadratic_objective(obj, float(self.objective_sign),

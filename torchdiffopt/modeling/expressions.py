@@ -469,17 +469,51 @@ class ValueEvaluator:
         return self._memo[key][1]
 
 
+class KeptForms:
+    """The coefficient forms of parameter-free sub-expressions, kept from one evaluation to
+    the next: they do not change with the parameter values, so a compiled model evaluates
+    them once (W4's constraints ``‖S w‖₂ ≤ σ``, ``1ᵀw = 1``, all but its objective: its
+    data for a batch of 64 in 0.2 against 0.6 ms). One per compiled form, whose
+    evaluations share the meaning of every atom's variables."""
+
+    def __init__(self):
+        self._free: dict[int, tuple] = {}  # id → (expression, whether parameter-free)
+        self._forms: dict[int, tuple] = {}  # id → (expression, its coefficient form)
+
+    def parameter_free(self, expr: Expression) -> bool:
+        """Whether no :class:`Parameter` occurs in ``expr``."""
+        key = id(expr)
+        if key not in self._free:
+            free = not isinstance(expr, Parameter) and all(
+                [self.parameter_free(child) for child in expr.children])
+            self._free[key] = (expr, free)
+        return self._free[key][1]
+
+    def form(self, expr: Expression) -> Canon | None:
+        """The kept form of ``expr``, if one is."""
+        kept = self._forms.get(id(expr))
+        return None if kept is None else kept[1]
+
+    def keep(self, expr: Expression, form: Canon) -> None:
+        """Keep ``form`` if ``expr`` is parameter-free."""
+        if self.parameter_free(expr):
+            self._forms[id(expr)] = (expr, form)
+
+
 class Evaluator:
     """Evaluates expression trees to coefficient form for given parameter tensors.
 
     ``parameter_values`` maps each :class:`Parameter` to a tensor of its shape, optionally
-    with leading batch dimensions. Shared sub-trees are evaluated once.
+    with leading batch dimensions. Shared sub-trees are evaluated once; with ``kept``
+    (:class:`KeptForms`), parameter-free ones once for all evaluations that share it.
     """
 
-    def __init__(self, parameter_values: dict, dtype: torch.dtype = torch.float64):
+    def __init__(self, parameter_values: dict, dtype: torch.dtype = torch.float64,
+                 kept: KeptForms | None = None):
         self.parameter_values = parameter_values
         self.dtype = dtype
         self._memo: dict[int, Canon] = {}
+        self._kept = kept
 
     def canon(self, expr: Expression) -> Canon:
         if expr.degree > 2:
@@ -488,7 +522,12 @@ class Evaluator:
                 "backend cannot take it; use backend='nonlinear' (tdo.nonlinear_diff_model)")
         key = id(expr)
         if key not in self._memo:
-            self._memo[key] = (expr, expr._canon(self))
+            form = None if self._kept is None else self._kept.form(expr)
+            if form is None:
+                form = expr._canon(self)
+                if self._kept is not None:
+                    self._kept.keep(expr, form)
+            self._memo[key] = (expr, form)
         return self._memo[key][1]
 
     def atom(self, atom: Expression) -> Canon:
