@@ -1,5 +1,6 @@
-"""Threads: linalg.threads (one torch or BLAS thread for small problems, restored after) and
-solvers.batch.map_in_threads (the process's kept pools of solver threads)."""
+"""Threads: linalg.threads (one torch or BLAS thread for small problems, restored after;
+work in torch's OpenMP team) and solvers.batch.map_in_threads (solver threads: torch's
+OpenMP team, or the process's kept pools)."""
 
 import threading
 
@@ -164,8 +165,41 @@ def _run_with_deadline(target, seconds=60):
     return out["value"]
 
 
-def test_map_in_threads_keeps_its_pool_and_the_order_of_the_items():
+@pytest.fixture(params=["openmp", "pool"])
+def thread_kind(request, monkeypatch):
+    """map_in_threads through torch's OpenMP team (where this torch's runtime is GNU
+    OpenMP) or through the fallback thread pool."""
+    from torchdiffopt.linalg import threads
     from torchdiffopt.solvers import batch
+    if request.param == "openmp" and threads._gnu_openmp() is None:
+        pytest.skip("torch's OpenMP runtime is not GNU OpenMP here")
+    if request.param == "pool":
+        monkeypatch.setattr(batch, "run_in_openmp_threads", lambda work, threads: False)
+    return request.param
+
+
+def test_map_in_threads_keeps_the_order_of_the_items_and_uses_the_threads(thread_kind):
+    from torchdiffopt.solvers import batch
+    seen = set()
+
+    def square(k):
+        seen.add(threading.get_native_id())
+        return k * k
+    items = list(range(40))
+    assert batch.map_in_threads(square, items, 2) == [k * k for k in items]
+    assert 1 <= len(seen) <= 2  # (the caller and one other thread at most)
+    assert batch.map_in_threads(square, [2, 3, 4], 5) == [4, 9, 16]
+    # one item or one worker: in the calling thread
+    assert batch.map_in_threads(lambda k: threading.get_native_id(), [0], 2) == \
+        [threading.get_native_id()]
+    assert batch.map_in_threads(lambda k: threading.get_native_id(), [0, 1], 1) == \
+        [threading.get_native_id()] * 2
+
+
+def test_map_in_threads_keeps_its_pool(thread_kind):
+    from torchdiffopt.solvers import batch
+    if thread_kind != "pool":
+        pytest.skip("the OpenMP team is torch's")
     names = set()
 
     def square(k):
@@ -183,12 +217,9 @@ def test_map_in_threads_keeps_its_pool_and_the_order_of_the_items():
     assert set(batch._pools) == sizes
     caller = threading.current_thread().name
     assert names - {caller} and all(name.startswith("torchdiffopt") for name in names - {caller})
-    # one item or one worker: in the calling thread
-    assert batch.map_in_threads(lambda k: threading.current_thread(), [0], 2) == \
-        [threading.current_thread()]
 
 
-def test_map_in_threads_gives_the_items_to_the_threads_as_they_come_free():
+def test_map_in_threads_gives_the_items_to_the_threads_as_they_come_free(thread_kind):
     """A thread held up on its first item takes no other: the rest run in the other
     thread (items are taken one at a time, not split in fixed shares)."""
     import time
@@ -199,34 +230,31 @@ def test_map_in_threads_gives_the_items_to_the_threads_as_they_come_free():
     def work(k):
         if k == 0:
             time.sleep(0.5)
-        seen[k] = threading.get_ident()
+        seen[k] = threading.get_native_id()
         return k
     assert map_in_threads(work, list(range(9)), 2) == list(range(9))
     assert len(set(seen.values())) == 2
     assert all(seen[k] != seen[0] for k in range(1, 9))
 
 
-def test_map_in_threads_runs_a_call_from_its_own_threads_serially():
-    """A pool thread's inner call runs in that thread, where queued on the busy pool it
-    would wait forever; the caller's inner call is served too."""
+def test_map_in_threads_runs_a_call_from_inside_an_item_serially(thread_kind):
+    """An item's inner call runs in the item's thread, where queued on the busy threads it
+    would wait forever."""
     import time
 
-    from torchdiffopt.solvers import batch
+    from torchdiffopt.solvers.batch import map_in_threads
     inner_threads = []
 
     def outer(k):
-        time.sleep(0.05)  # long enough for the pool thread to take an item
-        inside = getattr(batch._pool_thread, "inside", False)
-        inner_threads.append((inside, {threading.current_thread() for _ in batch.map_in_threads(
-            lambda j: threading.current_thread(), [0, 1, 2], 2)}))
-        return sum(batch.map_in_threads(lambda j: j + k, [0, 1, 2], 2))
-    assert _run_with_deadline(lambda: batch.map_in_threads(outer, [0, 10, 20], 2)) == \
-        [3, 33, 63]
-    assert any(inside for inside, _ in inner_threads)
-    assert all(len(seen) == 1 for inside, seen in inner_threads if inside)
+        time.sleep(0.05)  # long enough for the second thread to take an item
+        inner_threads.append({threading.get_native_id() for _ in map_in_threads(
+            lambda j: threading.get_native_id(), [0, 1, 2], 2)})
+        return sum(map_in_threads(lambda j: j + k, [0, 1, 2], 2))
+    assert _run_with_deadline(lambda: map_in_threads(outer, [0, 10, 20], 2)) == [3, 33, 63]
+    assert len(inner_threads) == 3 and all(len(seen) == 1 for seen in inner_threads)
 
 
-def test_map_in_threads_raises_what_the_function_raised():
+def test_map_in_threads_raises_what_the_function_raised(thread_kind):
     from torchdiffopt.solvers.batch import map_in_threads
 
     def fails_on_three(k):
@@ -235,7 +263,22 @@ def test_map_in_threads_raises_what_the_function_raised():
         return k
     with pytest.raises(ValueError, match="member 3"):
         map_in_threads(fails_on_three, list(range(6)), 2)
-    assert map_in_threads(lambda k: -k, [1, 2], 2) == [-1, -2]  # the pool is still usable
+    assert map_in_threads(lambda k: -k, [1, 2], 2) == [-1, -2]  # still usable
+
+
+def test_torch_runs_in_its_openmp_team_after_the_solves(two_threads):
+    """Solves in torch's OpenMP team leave it as torch needs it: parallel torch operations
+    in the same process give the same results after as before."""
+    from torchdiffopt.linalg import threads
+    from torchdiffopt.solvers.batch import map_in_threads
+    if threads._gnu_openmp() is None:
+        pytest.skip("torch's OpenMP runtime is not GNU OpenMP here")
+    K = torch.randn(64, 80, 80, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    before = torch.linalg.solve(K, K[..., :1]), (K @ K).sum()
+    assert map_in_threads(lambda k: float(np.linalg.norm(np.ones(k))), [1, 4, 9, 16], 2) == \
+        [1.0, 2.0, 3.0, 4.0]
+    after = torch.linalg.solve(K, K[..., :1]), (K @ K).sum()
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")

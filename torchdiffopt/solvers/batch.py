@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from ..errors import InfeasibleError, NonconvexError, UnboundedError
+from ..linalg.threads import run_in_openmp_threads
 from .solution import NumericQP
 
 #: the default number of threads (os.cpu_count() reads the system each call: 0.08 ms)
@@ -51,53 +52,66 @@ os.register_at_fork(after_in_child=_forget_pools)
 
 
 def map_in_threads(function, items: list, workers: int) -> list:
-    """``[function(item) for item in items]``, ``workers`` at a time: the calling thread and
-    ``workers - 1`` threads of a pool kept for the process (one pool per size asked for,
-    whose threads start as they are first needed; the native solvers release the GIL)
-    each take the next item as they come free, so that a thread slowed down (by another
-    process, or by torch's OpenMP worker still spinning after a parallel operation:
-    :mod:`torchdiffopt.linalg.threads`) takes fewer items instead of holding up the rest.
+    """``[function(item) for item in items]``, ``workers`` at a time, each thread taking the
+    next item as it comes free (so that a thread slowed down, by another process say, takes
+    fewer instead of holding up the rest); the native solvers release the GIL.
 
-    The pool is kept because a new one costs each call its threads' start: about 0.3 ms a
-    call on W1 (50 variables, batch 32: 7.53 → 7.26 ms forward + backward on 2 cores) and a
-    late start of the second run of W4's Clarabel solves (2–8 ms after the first, against
-    0.3 ms from a kept pool). The caller works instead of waiting, which saves waking one
-    thread. An exception raised by ``function`` propagates once every thread has stopped
-    (no item is started after it). A call from one of the pools' own threads runs
-    serially: a task that waited on its own pool's tasks could wait forever. A forked child
-    makes its pools anew."""
+    The threads are torch's own OpenMP team where it can be reached
+    (:func:`~torchdiffopt.linalg.threads.run_in_openmp_threads`: torch's worker, which would
+    otherwise go on spinning on a core after the last parallel torch operation, solves
+    instead). Elsewhere they are the calling thread and ``workers - 1`` threads of a pool
+    kept for the process (one pool per size asked for, whose threads start as they are
+    first needed): a new pool per call cost each call its threads' start, about 0.3 ms on
+    W1 (50 variables, batch 32: 7.53 → 7.26 ms forward + backward on 2 cores).
+
+    An exception raised by ``function`` propagates once every thread has stopped (no item is
+    started after it). A call from inside an item runs serially: a task that waited on its
+    own threads' tasks could wait forever. A forked child makes its pools anew."""
     if min(workers, len(items)) <= 1 or getattr(_pool_thread, "inside", False):
         return [function(item) for item in items]
-    pool = _pools.get(workers - 1)
-    if pool is None:
-        with _pools_lock:
-            pool = _pools.get(workers - 1)
-            if pool is None:
-                pool = _pools[workers - 1] = ThreadPoolExecutor(
-                    max_workers=workers - 1, thread_name_prefix="torchdiffopt",
-                    initializer=_mark_pool_thread)
     results, failures = [None] * len(items), []
     queue, lock = iter(range(len(items))), threading.Lock()
 
     def drain() -> None:
-        while not failures:
-            with lock:
-                k = next(queue, None)
-            if k is None:
-                return
-            try:
-                results[k] = function(items[k])
-            except BaseException as err:  # noqa: BLE001 - re-raised by the caller below
-                failures.append(err)
+        outer = getattr(_pool_thread, "inside", False)
+        _pool_thread.inside = True
+        try:
+            while not failures:
+                with lock:
+                    k = next(queue, None)
+                if k is None:
+                    return
+                try:
+                    results[k] = function(items[k])
+                except BaseException as err:  # noqa: BLE001 - re-raised by the caller below
+                    failures.append(err)
+        finally:
+            _pool_thread.inside = outer
 
-    helpers = [pool.submit(drain) for _ in range(min(workers, len(items)) - 1)]
-    drain()
-    for helper in helpers:  # (one still queued behind another caller's task has no work)
-        if not helper.cancel():
-            helper.result()
+    threads = min(workers, len(items))
+    if not run_in_openmp_threads(drain, threads):
+        pool = _pool(workers - 1)
+        helpers = [pool.submit(drain) for _ in range(threads - 1)]
+        drain()
+        for helper in helpers:  # (one still queued behind another caller's task has no work)
+            if not helper.cancel():
+                helper.result()
     if failures:
         raise failures[0]
     return results
+
+
+def _pool(size: int) -> ThreadPoolExecutor:
+    """The process's pool of ``size`` threads, made on first use."""
+    pool = _pools.get(size)
+    if pool is None:
+        with _pools_lock:
+            pool = _pools.get(size)
+            if pool is None:
+                pool = _pools[size] = ThreadPoolExecutor(
+                    max_workers=size, thread_name_prefix="torchdiffopt",
+                    initializer=_mark_pool_thread)
+    return pool
 
 
 def solve_each(problems: list, solve, n_jobs: int | None = None) -> list:
