@@ -275,10 +275,17 @@ def test_torch_runs_in_its_openmp_team_after_the_solves(two_threads):
         pytest.skip("torch's OpenMP runtime is not GNU OpenMP here")
     K = torch.randn(64, 80, 80, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     before = torch.linalg.solve(K, K[..., :1]), (K @ K).sum()
-    assert map_in_threads(lambda k: float(np.linalg.norm(np.ones(k))), [1, 4, 9, 16], 2) == \
-        [1.0, 2.0, 3.0, 4.0]
-    after = torch.linalg.solve(K, K[..., :1]), (K @ K).sum()
-    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    for torch_threads in (2, 1, 2):  # (a team of two asked for while torch runs one)
+        torch.set_num_threads(torch_threads)
+        seen = set()
+
+        def norm(k):
+            seen.add(threading.get_native_id())
+            return float(np.linalg.norm(np.ones(k)))
+        assert map_in_threads(norm, [1, 4, 9, 16], 2) == [1.0, 2.0, 3.0, 4.0]
+        assert 1 <= len(seen) <= 2
+        after = torch.linalg.solve(K, K[..., :1]), (K @ K).sum()
+        assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
