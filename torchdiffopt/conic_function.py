@@ -276,8 +276,11 @@ def _solve_batch(call: ConicCall, P_vals, c, A_vals, b, margins):
     arrays = [t.detach().cpu().to(_F64).numpy() for t in (P_vals, c, A_vals, b, margins)]
     status, errors, todo = ["optimal"] * B, {}, []
     finite = np.logical_and.reduce([np.isfinite(a.reshape(B, -1)).all(1) for a in arrays[:4]])
+    # (an atom's sign is wrong only where a margin is negative: the rest are not asked)
+    negative = (arrays[4].reshape(B, -1) < 0).any(1)
     for j in range(B):
-        err = None if st.nonconvex_error is None else st.nonconvex_error(arrays[4][j])
+        err = None if st.nonconvex_error is None or not negative[j] else \
+            st.nonconvex_error(arrays[4][j])
         if not finite[j]:
             status[j], errors[j] = "invalid_data", ValueError("the problem data contain NaN or inf")
         elif err is not None:
@@ -305,32 +308,30 @@ def _solve_batch(call: ConicCall, P_vals, c, A_vals, b, margins):
             outcomes = _check_together(st, todo, outcomes, *arrays[:4])
     members: list[_Member | None] = record_outcomes(todo, outcomes, B, status, errors)
     valid = torch.tensor([mb is not None for mb in members], device=device)
+    solved = [j for j, mb in enumerate(members) if mb is not None]
     if pt.dense:
         z = np.zeros((B, pt.n + pt.m))
-        for j, mb in enumerate(members):
-            if mb is not None:
-                z[j] = np.concatenate((mb.x, mb.y - mb.s))
+        if solved:
+            z[solved] = np.stack([np.concatenate((members[j].x, members[j].y - members[j].s))
+                                  for j in solved])
         keep = valid.reshape(B, 1)
         data = (torch.where(keep, t.detach().to(_F64), 0.0) for t in (P_vals, c, A_vals, b))
         z, systems = refine_dense(pt, st.dims, z, *data, valid, st.refine)
         v = z[:, pt.n:]
-        y_all = project_rows(v, st.dims, dual=True)
+        y = project_rows(v, st.dims, dual=True)
+        x, s = z[:, :pt.n], y - v  # (failed members' rows become NaN below)
         kinked = kinks_rows(v, st.dims, dual=True)
-        for j, mb in enumerate(members):
-            if mb is not None:
-                mb.x, mb.y, mb.s = z[j, :pt.n], y_all[j], y_all[j] - v[j]
-                mb.kinks = kinked[j]
+        kinks = {j: kinked[j] for j in solved if kinked[j]}
     else:
         systems = SparseSystems([mb and mb.derivative for mb in members], device)
-    x, y, s = (np.zeros((B, size)) for size in (pt.n, pt.m, pt.m))
-    for j, mb in enumerate(members):
-        if mb is not None:
-            x[j], y[j], s[j] = mb.x, mb.y, mb.s
+        x, y, s = (np.zeros((B, size)) for size in (pt.n, pt.m, pt.m))
+        for j in solved:
+            x[j], y[j], s[j] = members[j].x, members[j].y, members[j].s
+        kinks = {j: members[j].kinks for j in solved if members[j].kinks}
     x, y, s = (torch.as_tensor(a, dtype=_F64, device=device) for a in (x, y, s))
     call.derivative = BatchedConicDerivative(pt, x, y, systems, valid)
     call.status, call.errors = status, errors
-    _warn_degenerate(torch.nonzero(systems.singular).flatten().tolist(),
-                     {j: mb.kinks for j, mb in enumerate(members) if mb is not None and mb.kinks})
+    _warn_degenerate(torch.nonzero(systems.singular).flatten().tolist(), kinks)
     nan = torch.tensor(torch.nan, dtype=_F64, device=device)
     keep = valid.reshape(B, 1)
     return tuple(torch.where(keep, t, nan) for t in (x, y, s))
