@@ -210,3 +210,36 @@ def test_parameter_free_parts_are_evaluated_once_and_the_others_every_time(backe
         kept_rows = getattr(form, "_constant_rows", None)
         if backend == "conic":
             assert (kept_rows is not None) == (not in_rows)
+
+
+@pytest.mark.parametrize("backend", ["quadratic", "conic"])
+def test_kept_forms_hold_the_model_not_each_evaluation(backend):
+    """Evaluations make nodes of their own (a product with a matrix parameter transposes
+    its operands): the kept forms stay those of the model's nodes, however many calls; and
+    a first evaluation under a torch.func transform keeps none of the transform's tensors."""
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(3, 4))
+    m = tdo.Model(backend=backend)
+    x = m.variable(4, lb=-1.0, ub=1.0, name="x")
+    W = m.parameter(rng.normal(size=(4, 4)), name="W")
+    m.constraint((X @ W) @ x <= 1.0)
+    m.constraint(x.sum() == 0.25)
+    m.minimize(0.5 * tdo.sum_squares(x) + x.sum() if backend == "quadratic" else x.sum())
+    form = m._sensitivity.pipeline().form
+    values = lambda W_value: {W: W_value}  # noqa: E731
+    W0 = torch.tensor(rng.normal(size=(4, 4)))
+
+    def first_value(W_value):
+        return sum(v.sum() for v in form.data_values(W_value) if v.is_floating_point())
+
+    torch.func.grad(first_value)(W0)  # the first evaluation, under a transform
+    assert not form._kept._forms
+    form.data(values(W0))
+    kept = (len(form._kept._free), len(form._kept._forms))
+    for _ in range(5):
+        form.data(values(torch.tensor(rng.normal(size=(4, 4)))))
+    assert (len(form._kept._free), len(form._kept._forms)) == kept
+    tensors = [t for canon in form._kept._forms.values()
+               for t in (canon.const, canon.lin.vals, canon.quad.vals)]
+    assert tensors and not any(torch._C._functorch.is_functorch_wrapped_tensor(t)
+                               for t in tensors)

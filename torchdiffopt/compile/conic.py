@@ -153,7 +153,9 @@ class ConicForm(DataForm):
 
     def __init__(self, model):
         super().__init__(model)
-        self._kept = KeptForms()  # for data(): the parameter-free parts, evaluated once
+        # for data(): the parameter-free parts, evaluated once
+        self._kept = KeptForms([self.objective_expression]
+                               + [con.relation.expression for con in self.constraints])
         self._constant_rows = None  # (slack, row margins) of _rows, once known constant
         obj = self.objective_expression
         if obj is not None and obj.degree > 2:
@@ -327,10 +329,12 @@ class ConicForm(DataForm):
             slack, row_margins = self._constant_rows
         else:
             slack, row_margins = self._rows(ev)
-            if all(self._kept.parameter_free(e) for e in
-                   [con.relation.expression for con in self.constraints]
-                   + [atom for atom, _ in self._atom_rows]):
-                self._constant_rows = slack, row_margins  # (no parameter in any row)
+            # (no parameter in any row, and no transform whose tensors these could be)
+            if torch._C._functorch.maybe_current_level() is None and all(
+                    self._kept.parameter_free(e) for e in
+                    [con.relation.expression for con in self.constraints]
+                    + [atom for atom, _ in self._atom_rows]):
+                self._constant_rows = slack, row_margins
         margins = [c[..., self.n:]] + ([] if row_margins is None else [row_margins])
         data = ConicData(self.n, self.n_total, P_rows, P_cols, P_vals, c, r,
                          slack.lin.rows, slack.lin.vars[0], -slack.lin.vals, slack.const,

@@ -85,7 +85,9 @@ class QuadraticForm(DataForm):
 
     def __init__(self, model):
         super().__init__(model)
-        self._kept = KeptForms()  # for data(): the parameter-free parts, evaluated once
+        # for data(): the parameter-free parts, evaluated once
+        self._kept = KeptForms([self.objective_expression]
+                               + [con.relation.expression for con in self.constraints])
         self.reject_cones("quadratic")
         if atoms_in([self.objective_expression]
                     + [c.relation.expression for c in self.constraints]):

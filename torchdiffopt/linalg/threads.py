@@ -95,16 +95,19 @@ _OPENMP_BODY = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 @functools.cache
 def _gnu_openmp():
     """Torch's GNU OpenMP runtime as a ctypes library, or None: where ATen's parallel
-    backend is OpenMP and the process has exactly one ``libgomp`` mapped (Linux)."""
+    backend is OpenMP and the process has exactly one OpenMP runtime mapped, a ``libgomp``
+    (Linux; with LLVM's or Intel's runtime also there, torch's may be that one)."""
     if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return None
     try:
         with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps
-                     if os.path.basename(line.split()[-1]).startswith("libgomp")}
+            names = {line.split()[-1] for line in maps if "/" in line}
     except OSError:
         return None
-    if len(paths) != 1:
+    runtimes = {path for path in names if os.path.basename(path).startswith(
+        ("libgomp", "libomp", "libiomp"))}
+    paths = {path for path in runtimes if os.path.basename(path).startswith("libgomp")}
+    if len(paths) != 1 or len(runtimes) != 1:
         return None
     lib = ctypes.CDLL(paths.pop())
     lib.GOMP_parallel.argtypes = [_OPENMP_BODY, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
