@@ -44,9 +44,10 @@ work in the OpenMP team itself: the worker that would spin solves instead, and i
 spinning, at hand, for the parallel operations that follow (W4's solves 15.7 → 12.9 ms,
 forward + backward 28.1 → 25.3 ms, in an A/B in one process). It calls ``GOMP_parallel``,
 the entry point that ``#pragma omp parallel`` compiles to in GNU OpenMP (``libgomp``, which
-torch's Linux wheels carry), through ctypes; where torch's runtime is another (or in a
-forked child, whose copy of the runtime has no threads) it does nothing, and callers use
-a thread pool.
+torch's Linux wheels carry), through ctypes: neither torch nor threadpoolctl runs Python
+work in torch's intra-op threads (they only size them). Where torch's runtime is another
+(or in a forked child, whose copy of the runtime has no threads) it does nothing, and
+callers use a thread pool.
 """
 
 from __future__ import annotations
