@@ -471,9 +471,10 @@ class ActiveSetFactorization:
 
 #: right-hand sides of at least this many columns are solved by :class:`_SchurComplement`
 #: through the explicit inverse of ``K`` (formed once from the same factors) rather than by
-#: triangular solves (measured on W6's 32 systems of order 80, 2 cores: triangular solves
-#: 0.6 ms + 0.09 ms a column, the inverse 3.8 ms to form and 0.03 ms a column; level near 60)
-INVERSE_MIN_COLUMNS = 64
+#: triangular solves. Measured as W6's ``vmap(jvp)`` on 2 cores, one path against the other
+#: in one process: on 32 systems of order 80 level at 24–40 directions and 15.2 → 14.4 ms at
+#: 50 through the inverse; on 16 systems of order about 160 (W1, n = 100) level from 32 to 96
+INVERSE_MIN_COLUMNS = 32
 
 
 class _SchurComplement:
