@@ -187,6 +187,10 @@ class ConicForm(DataForm):
             np.arange(len(self.constraints)),
             [c.relation.expression.size for c in self.constraints]).astype(np.int64)
         self._layout(self._blocks())
+        # the rows are data of their own when no constraint and no atom has a parameter
+        self._rows_parameter_free = all(self._kept.parameter_free(e) for e in
+                                        [con.relation.expression for con in self.constraints]
+                                        + [atom for atom, _ in self._atom_rows])
 
     # -- structure ----------------------------------------------------------------------
     def _columns(self, atoms) -> dict:
@@ -329,11 +333,8 @@ class ConicForm(DataForm):
             slack, row_margins = self._constant_rows
         else:
             slack, row_margins = self._rows(ev)
-            # (no parameter in any row, and no transform whose tensors these could be)
-            if torch._C._functorch.maybe_current_level() is None and all(
-                    self._kept.parameter_free(e) for e in
-                    [con.relation.expression for con in self.constraints]
-                    + [atom for atom, _ in self._atom_rows]):
+            # (no transform whose tensors these could be)
+            if self._rows_parameter_free and torch._C._functorch.maybe_current_level() is None:
                 self._constant_rows = slack, row_margins
         margins = [c[..., self.n:]] + ([] if row_margins is None else [row_margins])
         data = ConicData(self.n, self.n_total, P_rows, P_cols, P_vals, c, r,

@@ -33,11 +33,7 @@ def status_of(outcome) -> str:
 #: the process's thread pools by size (:func:`map_in_threads`), made on first use
 _pools: dict[int, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
-_pool_thread = threading.local()
-
-
-def _mark_pool_thread() -> None:
-    _pool_thread.inside = True
+_in_item = threading.local()  # .active: the thread is running an item of map_in_threads
 
 
 def _forget_pools() -> None:
@@ -68,14 +64,14 @@ def map_in_threads(function, items: list, workers: int) -> list:
     thread has stopped: no item is started after it, and those under way finish. A call from
     inside an item runs serially: a task that waited on its own threads' tasks could wait
     forever. A forked child makes its pools anew."""
-    if min(workers, len(items)) <= 1 or getattr(_pool_thread, "inside", False):
+    if min(workers, len(items)) <= 1 or getattr(_in_item, "active", False):
         return [function(item) for item in items]
     results, failures = [None] * len(items), []
     queue, lock = iter(range(len(items))), threading.Lock()
 
     def drain() -> None:
-        outer = getattr(_pool_thread, "inside", False)
-        _pool_thread.inside = True
+        outer = getattr(_in_item, "active", False)
+        _in_item.active = True
         try:
             while not failures:
                 with lock:
@@ -86,7 +82,7 @@ def map_in_threads(function, items: list, workers: int) -> list:
         except BaseException as err:  # noqa: BLE001 - re-raised by the caller below
             failures.append(err)  # (the other threads take no item after it)
         finally:
-            _pool_thread.inside = outer
+            _in_item.active = outer
 
     threads = min(workers, len(items))
     if not run_in_openmp_threads(drain, threads):
@@ -109,8 +105,7 @@ def _pool(size: int) -> ThreadPoolExecutor:
             pool = _pools.get(size)
             if pool is None:
                 pool = _pools[size] = ThreadPoolExecutor(
-                    max_workers=size, thread_name_prefix="torchdiffopt",
-                    initializer=_mark_pool_thread)
+                    max_workers=size, thread_name_prefix="torchdiffopt")
     return pool
 
 
