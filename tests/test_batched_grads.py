@@ -125,3 +125,24 @@ def test_nonlinear_layer_jacobian_vectorized():
     J = jacobian(layer, value, vectorize=True)
     torch.testing.assert_close(J, jacobian(layer, value), atol=1e-12, rtol=1e-10)
     torch.testing.assert_close(J, central_jacobian(layer, value), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("way", ["numpy", "broadcast", "product", "vmap"])
+def test_rank_two_cotangent_products(way, monkeypatch):
+    """``a bᵀ + c dᵀ``, the form of the P̄ and C̄ cotangents, is the same by each of its
+    ways: numpy, torch's broadcast (small sizes), one matrix product (large sizes, and under
+    vmap, where the in-place broadcast has no batching rule)."""
+    from torchdiffopt.backends import batched_quadratic as bq
+    gen = torch.Generator().manual_seed(3)
+    a, c = (torch.randn(4, 5, dtype=torch.float64, generator=gen) for _ in range(2))
+    b, d = (torch.randn(4, 3, dtype=torch.float64, generator=gen) for _ in range(2))
+    expected = torch.einsum("bi,bj->bij", a, b) + torch.einsum("bi,bj->bij", c, d)
+    if way == "numpy":
+        got = torch.from_numpy(bq._rank_two(*(t.numpy() for t in (a, b, c, d))))
+    elif way == "vmap":
+        got = torch.vmap(lambda *t: bq._rank_two(*(s[None] for s in t))[0])(a, b, c, d)
+    else:
+        if way == "product":
+            monkeypatch.setattr(bq, "RANK_TWO_BROADCAST_MAX_ENTRIES", 0)
+        got = bq._rank_two(a, b, c, d)
+    torch.testing.assert_close(got, expected, rtol=1e-14, atol=1e-14)

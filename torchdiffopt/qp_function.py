@@ -106,6 +106,11 @@ class QPStructure:
         E[np.arange(len(cols)), cols] = 1.0
         return E, c0, sense
 
+    @functools.cached_property
+    def all_row_senses(self) -> np.ndarray:
+        """The senses (float) of the constraint rows followed by the bound rows."""
+        return np.concatenate((self.sense, self.bound_rows[2])).astype(np.float64)
+
     def P_entries(self, dense: torch.Tensor) -> torch.Tensor:
         """Cotangent of the stored entries from a symmetric dense ``(..., n, n)`` cotangent
         (the adjoint of :meth:`dense_P`)."""
@@ -277,17 +282,15 @@ def _solve_single_serially(call: SolveCall, P_vals, q, r, C_vals, c0):
     if status != OPTIMAL:
         return None
     mu_all = form.multipliers(lam[None])[0]
-    E, b_c0, b_sense = st.bound_rows
+    E, b_c0, _ = st.bound_rows
     C_all = np.concatenate((C, E)) if len(E) else C
     c0_all = np.concatenate((c0, b_c0)) if len(E) else c0
-    sense_all = np.concatenate((st.sense, b_sense)).astype(np.float64)
-    kkt = single_kkt(P, L, q, r, C_all, c0_all, sense_all, st.m, x, mu_all,
+    kkt = single_kkt(P, L, q, r, C_all, c0_all, st.all_row_senses, st.m, x, mu_all,
                      form.equality | (mu_all != 0), KKT_TOLERANCE)
     if kkt is None:
         return None
     call.kkt, call.status, call.errors = DenseBatchKKT(st, kkt), ["optimal"], {}
-    # copies: an in-place change of an output must not reach kkt
-    return kkt.x.clone(), kkt.mu.clone(), torch.tensor([kkt.f], dtype=_F64)
+    return kkt.outputs()
 
 
 def _solve_memberwise(call: SolveCall, P_vals, q, r, C_vals, c0):

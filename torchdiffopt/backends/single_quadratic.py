@@ -101,6 +101,13 @@ class SingleQuadraticKKT(ActiveSetDerivatives):
         self.f = f
         self._arrays = x[None], mu_all[None, :m], rows, K, K_inv
 
+    def outputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x (1, n), μ (1, m), f (1,))`` as new tensors: an in-place change of an output
+        must not reach the arrays the derivatives use."""
+        x, mu = self._arrays[:2]
+        return (torch.from_numpy(x.copy()), torch.from_numpy(mu.copy()),
+                torch.from_numpy(np.array([self.f])))
+
     # the torch derivatives' state, made on their first use: a call whose backward runs
     # in numpy (plain seeds) never needs it
     @functools.cached_property
