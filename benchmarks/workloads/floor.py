@@ -8,6 +8,12 @@ backward time over each. torchdiffopt factorizes during the forward pass (the so
 polished with the same factorization), so its backward is to be compared with the solve
 alone; the factorization + solve is the floor for a backward that factorizes itself.
 
+Every method's backward time is ``torch.autograd.grad`` over the workload's leaves, so W1's
+includes the backward of the workload's own graph before the layer, ``Q = LLᵀ + 1e-3·I``
+(W2's cost is the leaf itself). That part is timed alone too (``graph_backward_s``), as
+the same ``grad`` with ``Q``'s cotangent given: it is no part of the floor, and at small
+sizes it alone approaches twice the floor.
+
 The batched LU is the package's (``linalg.factorization._lu_factor``): torch 2.13's MKL
 build factors batches of order ≥ about 150 wrongly or hangs once the thread count has been
 set (W1 at n = 100: order 200), and that function factors such batches one matrix at a
@@ -22,6 +28,7 @@ import time
 import torch
 
 from torchdiffopt.linalg.factorization import _lu_factor
+from workloads.common import q_of
 
 
 def _median_time(fn, reps):
@@ -50,6 +57,15 @@ def floor_times(batch: int, order: int, reps: int, seed: int = 0):
             _median_time(lambda: torch.linalg.lu_solve(LU, pivots, rhs), reps))
 
 
+def graph_backward_time(batch: int, n: int, reps: int, seed: int = 0) -> float:
+    """Seconds of the backward of W1's ``Q = LLᵀ + 1e-3·I`` alone, for ``L (batch, n, n)``."""
+    gen = torch.Generator().manual_seed(seed)
+    L = torch.rand(batch, n, n, dtype=torch.float64, generator=gen).requires_grad_()
+    Q = q_of(L)
+    Q_bar = torch.randn(batch, n, n, dtype=torch.float64, generator=gen)
+    return _median_time(lambda: torch.autograd.grad(Q, L, Q_bar, retain_graph=True), reps)
+
+
 def kkt_order(result) -> int | None:
     p = result.params
     if result.workload == "W1":
@@ -70,8 +86,13 @@ def run(results, reps: int):
         if key not in cache:
             cache[key] = floor_times(*key, reps)
         factor_solve, solve = cache[key]
+        graph_key = ("graph", r.params["batch"], r.params["n"])
+        if r.workload == "W1" and graph_key not in cache:
+            cache[graph_key] = graph_backward_time(*graph_key[1:], reps)
         rows.append({"workload": r.workload, "case": r.case, "method": r.method,
                      "batch": key[0], "kkt_order": order, "backward_s": r.backward_s,
+                     "graph_backward_s": cache.get(graph_key, 0.0) if r.workload == "W1"
+                     else 0.0,
                      "factor_solve_s": factor_solve, "solve_s": solve,
                      "ratio_factor_solve": r.backward_s / factor_solve,
                      "ratio_solve": r.backward_s / solve})
