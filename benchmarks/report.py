@@ -75,7 +75,7 @@ def floor_table(rows) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['workload']} | {r['case']} | {r['method']} | {r['kkt_order']} | "
-                     f"{_ms(r['backward_s'])} | {_ms(r['graph_backward_s'])} | "
+                     f"{_ms(r['backward_s'])} | {_ms(r.get('graph_backward_s'))} | "
                      f"{_ms(r['factor_solve_s'])} | "
                      f"{_ms(r['solve_s'])} | {r['ratio_factor_solve']:.1f} | "
                      f"{r['ratio_solve']:.1f} |")

@@ -131,7 +131,7 @@ def test_nonlinear_layer_jacobian_vectorized():
 def test_rank_two_cotangent_products(way, monkeypatch):
     """``a bᵀ + c dᵀ``, the form of the P̄ and C̄ cotangents, is the same by each of its
     ways: numpy, torch's broadcast (small sizes), one matrix product (large sizes, and under
-    vmap, where the in-place broadcast has no batching rule)."""
+    vmap, where the in-place broadcast would run a slice at a time)."""
     from torchdiffopt.backends import batched_quadratic as bq
     gen = torch.Generator().manual_seed(3)
     a, c = (torch.randn(4, 5, dtype=torch.float64, generator=gen) for _ in range(2))

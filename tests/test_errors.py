@@ -200,3 +200,22 @@ def test_infeasible_and_unbounded_qp_per_solver(solver):
     m2.minimize(y[0] ** 2 - y[1])
     with pytest.raises(tdo.UnboundedError):
         m2.optimize()
+
+
+def test_overflowing_data_fail_with_an_error_not_nan():
+    """Finite data so large that the point overflows (a NaN KKT residual) fail their member
+    with a SolverError, where ``residual > tolerance`` used to let NaN outputs pass; the
+    other members of the batch are solved."""
+    gen = torch.Generator().manual_seed(4)
+    L = torch.randn(4, 4, dtype=torch.float64, generator=gen)
+    P = L @ L.T + torch.eye(4, dtype=torch.float64)
+    G = torch.randn(2, 4, dtype=torch.float64, generator=gen)
+    h = torch.rand(2, dtype=torch.float64, generator=gen) + 1
+    q = torch.randn(2, 4, dtype=torch.float64, generator=gen)
+    q[0, :2] = 1e308
+    with pytest.raises(tdo.SolverError, match=r"batch members \[0\]"):
+        tdo.functional.qp(P, q[:1], G=G, h=h, solver="qpth")
+    with pytest.raises(tdo.SolverError, match=r"batch members \[0\]"):
+        tdo.functional.qp(P, q[0], G=G, h=h)  # the single-problem path, then the batched one
+    x = tdo.functional.qp(P, q, G=G, h=h, on_failure="nan")
+    assert torch.isnan(x[0]).all() and torch.isfinite(x[1]).all()

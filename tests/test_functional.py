@@ -1,5 +1,6 @@
 """tdo.functional.qp: raw batched data, against qpth and closed forms."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -404,3 +405,16 @@ def test_solution_maps_skip_the_argument_binding_outside_transforms(monkeypatch)
     monkeypatch.undo()
     vmapped = torch.func.vmap(lambda Pb, qb: tdo.functional.qp(Pb, qb, G=G, h=h))(P, q.detach())
     torch.testing.assert_close(vmapped, x, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("on_failure", ["raise", "nan"])
+@pytest.mark.parametrize("bounds, error", [
+    ({"lb": [np.nan, 0.0]}, ValueError), ({"ub": np.nan}, ValueError),
+    ({"lb": [np.inf, -np.inf]}, tdo.InfeasibleError), ({"ub": -np.inf}, tdo.InfeasibleError)])
+def test_bounds_that_no_point_meets_are_named(bounds, error, on_failure):
+    """NaN bounds, a lower bound of +inf or an upper bound of -inf are named, not taken as
+    'no bound' (which is what the bound rows make of an infinite entry)."""
+    P, q = torch.eye(2, dtype=torch.float64), torch.ones(3, 2, dtype=torch.float64)
+    name = next(iter(bounds))
+    with pytest.raises(error, match=f"{name} contains"):
+        tdo.functional.qp(P, q, **bounds, on_failure=on_failure)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .conic_function import conic
+from .errors import InfeasibleError
 from .folding import reject_nested_derivatives
 from .qp_function import QPSolve, QPStructure, SolveCall, failure_error
 
@@ -29,7 +30,9 @@ def qp(P, q, A=None, b=None, G=None, h=None, *, lb=None, ub=None, solver=None,
 
     Each tensor may carry one leading batch dimension (``P (B, n, n)`` or ``(n, n)``, …);
     unbatched ones broadcast. ``A, b`` or ``G, h`` may be None. ``lb``, ``ub`` are constant
-    arrays (not differentiated). Returns ``x (B, n)`` and, with ``return_duals=True``,
+    arrays (not differentiated), ``-inf`` / ``+inf`` where a variable has no bound; one that
+    no ``x`` meets (a lower bound of ``+inf``, an upper bound of ``-inf``) raises
+    InfeasibleError whatever ``on_failure``, since every member shares it. Returns ``x (B, n)`` and, with ``return_duals=True``,
     ``(x, ν, λ)``: the Lagrange multipliers of ``A x = b`` and of ``G x ≤ h`` with the KKT
     stationarity ``P x + q + Aᵀν + Gᵀλ = 0`` and ``λ ≥ 0`` (OptNet's convention; the shadow
     prices are ``∂f*/∂b = -ν`` and ``∂f*/∂h = -λ``).
@@ -56,6 +59,13 @@ def qp(P, q, A=None, b=None, G=None, h=None, *, lb=None, ub=None, solver=None,
                          f"h {tuple(h.shape)}")
     bounds = tuple(None if v is None else tuple(np.broadcast_to(np.asarray(v, float), n))
                    for v in (lb, ub))
+    for name, bound, impossible in (("lb", bounds[0], np.inf), ("ub", bounds[1], -np.inf)):
+        if bound is not None and np.isnan(bound).any():
+            raise ValueError(f"{name} contains NaN")
+        if bound is not None and impossible in bound:
+            raise InfeasibleError(f"{name} contains {impossible:+}, which no x meets (-inf is "
+                                  "no lower bound, +inf no upper bound): every member is "
+                                  "infeasible")
     structure = _dense_structure(n, n_eq, n_in, *bounds, solver, n_jobs)
 
     def batch(t, k):
@@ -88,8 +98,10 @@ def qp(P, q, A=None, b=None, G=None, h=None, *, lb=None, ub=None, solver=None,
 def _name_non_finite_input(**inputs) -> None:
     """Raise a ValueError naming the first input with a NaN or inf entry, if any. (Tested
     only where the solve found a member with non-finite data, not before it: on W1's
-    10-variable QPs at batch 1 the test took a tenth of the forward pass. Under
-    ``torch.func`` transforms the values are not concrete and the per-member status stands.)"""
+    10-variable QPs at batch 1 the test took a tenth of the forward pass.) Inputs wrapped by
+    a ``torch.func`` transform are skipped (under ``vmap`` their values are not concrete):
+    their members keep the per-member ``invalid_data`` failure, raised or NaN by
+    ``on_failure``."""
     for name, t in inputs.items():
         if not torch._C._functorch.is_functorch_wrapped_tensor(t) \
                 and not bool(torch.isfinite(t.detach()).all()):

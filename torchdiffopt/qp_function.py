@@ -108,8 +108,11 @@ class QPStructure:
 
     @functools.cached_property
     def all_row_senses(self) -> np.ndarray:
-        """The senses (float) of the constraint rows followed by the bound rows."""
-        return np.concatenate((self.sense, self.bound_rows[2])).astype(np.float64)
+        """The senses (float) of the constraint rows followed by the bound rows (read-only:
+        the structure is shared by every call of its shape)."""
+        senses = np.concatenate((self.sense, self.bound_rows[2])).astype(np.float64)
+        senses.flags.writeable = False
+        return senses
 
     def P_entries(self, dense: torch.Tensor) -> torch.Tensor:
         """Cotangent of the stored entries from a symmetric dense ``(..., n, n)`` cotangent
@@ -149,9 +152,10 @@ def solve_and_certify(problem: NumericQP, solver, maximize: bool = False) -> Qua
     check_convex(problem.P, maximize)
     solve = qp_solver(solver, problem)
     kkt = QuadraticKKT(problem, solve(problem))
-    if kkt.kkt_residual > KKT_TOLERANCE and solve is solve_highs:
+    # (`not ≤`: a NaN residual, from a point that overflowed, fails too)
+    if not kkt.kkt_residual <= KKT_TOLERANCE and solve is solve_highs:
         kkt = QuadraticKKT(problem, solve_scs(problem))
-    if kkt.kkt_residual > KKT_TOLERANCE:
+    if not kkt.kkt_residual <= KKT_TOLERANCE:
         raise SolverError(
             f"the solver's point is not optimal (relative KKT residual {kkt.kkt_residual:.1e});"
             " the problem may be unbounded or badly scaled")
@@ -380,7 +384,8 @@ def _solve_dense(call: SolveCall, P_vals, q, r, C_vals, c0):
     kkt = BatchedQuadraticKKT(P, q, C, c0, st.sense, st.lb, st.ub, x, mu_all, valid, hint,
                               P_cholesky)
 
-    bad = valid & (kkt.kkt_residual > KKT_TOLERANCE)
+    # (`~(≤)`: a NaN residual, from a point that overflowed, fails too)
+    bad = valid & ~(kkt.kkt_residual <= KKT_TOLERANCE)
     if solver in _RETRIED_WITH_SCS and "solver_error" in status:
         # members the solver gave up on (not proved infeasible or unbounded) get SCS too
         gave_up = torch.tensor([s == "solver_error" for s in status], device=q.device)
@@ -399,7 +404,7 @@ def _solve_dense(call: SolveCall, P_vals, q, r, C_vals, c0):
         hint = None if hint is None else hint & ~bad.reshape(B, 1)
         kkt = BatchedQuadraticKKT(P, q, C, c0, st.sense, st.lb, st.ub, x, mu_all, valid, hint,
                               P_cholesky)
-        bad = valid & (kkt.kkt_residual > KKT_TOLERANCE)
+        bad = valid & ~(kkt.kkt_residual <= KKT_TOLERANCE)
     if bool(bad.any()):
         for b in torch.nonzero(bad).flatten().tolist():
             status[b] = "not_optimal"

@@ -675,8 +675,8 @@ RANK_TWO_BROADCAST_MAX_ENTRIES = 1 << 16
 def _rank_two(a, b, c, d):
     """``a bᵀ + c dᵀ`` for batches of vectors ``a, c (B, r)``, ``b, d (B, c)`` (torch
     tensors or numpy arrays): ``(B, r, c)``. Small ones by broadcasting, larger ones and any
-    under a ``torch.func`` transform (``addcmul_`` has no ``vmap`` rule) as
-    ``[a, c] [b, d]ᵀ``."""
+    under a ``torch.func`` transform (``addcmul_`` has no ``vmap`` batching rule: torch
+    would run it a slice at a time, with a performance warning) as ``[a, c] [b, d]ᵀ``."""
     if isinstance(a, np.ndarray):
         out = a[..., :, None] * b[..., None, :]
         out += c[..., :, None] * d[..., None, :]

@@ -176,7 +176,7 @@ class NonlinearKKT:
     def certify(self) -> None:
         """Raise unless the polished point satisfies the KKT conditions; warn when the
         derivative is degenerate (singular K, weakly active rows, SOSC failing)."""
-        if self.kkt_residual > KKT_TOLERANCE:
+        if not self.kkt_residual <= KKT_TOLERANCE:  # (a NaN residual fails too)
             raise SolverError(
                 f"no local optimum found (relative KKT residual {self.kkt_residual:.1e} after "
                 "polishing): the problem may be locally infeasible, unbounded or nonsmooth here")
