@@ -608,12 +608,16 @@ class ActiveSetDerivatives:
         dPx = (x_row @ dP.mT).squeeze(-2)
         dPtx = (x_row @ dP).squeeze(-2)
         rhs_x = 0.5 * (dPx + dPtx) + dq + (mu[:, None, None, :] @ dC).squeeze(-2)
-        pad = rhs_x.new_zeros(*rhs_x.shape[:2], self.M - m)
-        z_x, z_rows = self._solve(-rhs_x, -torch.cat((dCx, pad), dim=-1))
+        # (bound rows have no tangent; without them, no concatenation: under vmap it copies)
+        rhs_rows = dCx if self.M == m else torch.cat(
+            (dCx, rhs_x.new_zeros(*rhs_x.shape[:2], self.M - m)), dim=-1)
+        # K [dx; dμ] = −[rhs_x; rhs_rows]: the sign joins the mask of failed members, one
+        # product instead of two negations of the right-hand sides
+        z_x, z_rows = self._solve(rhs_x, rhs_rows)
         df = (0.5 * torch.einsum("bdi,bi->bd", dPx, x) + torch.einsum("bdi,bi->bd", dq, x)
               + dr + torch.einsum("bi,bdi->bd", mu, dCx))
         keep = self.valid.to(x.dtype)
-        return (z_x * keep[:, None, None], z_rows[..., :m] * keep[:, None, None],
+        return (z_x * -keep[:, None, None], z_rows[..., :m] * -keep[:, None, None],
                 df * keep[:, None])
 
     # -- reverse mode ---------------------------------------------------------------------
