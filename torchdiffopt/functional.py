@@ -32,10 +32,11 @@ def qp(P, q, A=None, b=None, G=None, h=None, *, lb=None, ub=None, solver=None,
     unbatched ones broadcast. ``A, b`` or ``G, h`` may be None. ``lb``, ``ub`` are constant
     arrays (not differentiated), ``-inf`` / ``+inf`` where a variable has no bound; one that
     no ``x`` meets (a lower bound of ``+inf``, an upper bound of ``-inf``) raises
-    InfeasibleError whatever ``on_failure``, since every member shares it. Returns ``x (B, n)`` and, with ``return_duals=True``,
-    ``(x, ν, λ)``: the Lagrange multipliers of ``A x = b`` and of ``G x ≤ h`` with the KKT
-    stationarity ``P x + q + Aᵀν + Gᵀλ = 0`` and ``λ ≥ 0`` (OptNet's convention; the shadow
-    prices are ``∂f*/∂b = -ν`` and ``∂f*/∂h = -λ``).
+    InfeasibleError whatever ``on_failure``, since every member shares it. Returns
+    ``x (B, n)`` and, with ``return_duals=True``, ``(x, ν, λ)``: the Lagrange multipliers of
+    ``A x = b`` and of ``G x ≤ h`` with the KKT stationarity ``P x + q + Aᵀν + Gᵀλ = 0`` and
+    ``λ ≥ 0`` (OptNet's convention; the shadow prices are ``∂f*/∂b = -ν`` and
+    ``∂f*/∂h = -λ``).
     """
     n = q.shape[-1]
     dtype, device = q.dtype, q.device
