@@ -31,6 +31,7 @@ import importlib.metadata
 import os
 import pathlib
 import platform
+import subprocess
 import sys
 import time
 import warnings
@@ -66,6 +67,22 @@ def cpu_model() -> str:
     return platform.processor() or "unknown processor"
 
 
+def source_commit() -> str:
+    """The torchdiffopt checkout's commit (short hash, "+ changes" where its package or
+    benchmark code differs from it), or "unknown" outside a git checkout."""
+    root = pathlib.Path(torchdiffopt.__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, check=True).stdout.strip()
+        changed = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
+                                  "--untracked-files=no", "--", "torchdiffopt", "benchmarks",
+                                  ":(exclude)benchmarks/results"],
+                                 capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + (" + changes" if changed else "")
+
+
 def header() -> dict:
     versions = {"torch": torch.__version__,
                 "torchdiffopt": getattr(torchdiffopt, "__version__", "dev")}
@@ -78,7 +95,8 @@ def header() -> dict:
     return {"machine": f"{platform.machine()} ({cpu_model()}), {os.cpu_count()} CPU cores, "
                        f"{platform.system()}",
             "python": platform.python_version(), "torch_threads": torch.get_num_threads(),
-            "versions": versions, "load_average_at_start": os.getloadavg()}
+            "versions": versions, "commit": source_commit(),
+            "load_average_at_start": os.getloadavg()}
 
 
 def quick_failures(runs, sobolev_rows) -> list[str]:
@@ -146,7 +164,8 @@ def main(argv=None) -> int:
     lines = [f"# torchdiffopt benchmarks ({'quick' if args.quick else 'full'})", "",
              f"Machine: {info['machine']}; Python {info['python']}; torch "
              f"{info['versions']['torch']} ({info['torch_threads']} threads).", "",
-             "Versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()), ""]
+             "Versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items())
+             + f"; torchdiffopt's code at commit {info['commit']}.", ""]
     lines += [report.LEGEND, ""] + [f"- {note}" for note in peers.availability_notes()]
     print("\n".join(lines), flush=True)
 
