@@ -167,6 +167,11 @@ def test_bound_errors():
         m.variable(2, lb=[0, 2], ub=1)
     with pytest.raises(ValueError, match="NaN"):
         m.variable(lb=float("nan"))
+    # infinite bounds that no value meets (they were read as no bound)
+    with pytest.raises(ValueError, match="no value meets"):
+        m.variable(2, lb=np.inf)
+    with pytest.raises(ValueError, match="no value meets"):
+        m.variable(ub=-np.inf)
 
 
 def test_missing_clarabel_says_how_to_install_it(monkeypatch):

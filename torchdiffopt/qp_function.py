@@ -152,10 +152,9 @@ def solve_and_certify(problem: NumericQP, solver, maximize: bool = False) -> Qua
     check_convex(problem.P, maximize)
     solve = qp_solver(solver, problem)
     kkt = QuadraticKKT(problem, solve(problem))
-    # (`not ≤`: a NaN residual, from a point that overflowed, fails too)
-    if not kkt.kkt_residual <= KKT_TOLERANCE and solve is solve_highs:
+    if kkt.kkt_residual > KKT_TOLERANCE and solve is solve_highs:
         kkt = QuadraticKKT(problem, solve_scs(problem))
-    if not kkt.kkt_residual <= KKT_TOLERANCE:
+    if kkt.kkt_residual > KKT_TOLERANCE:
         raise SolverError(
             f"the solver's point is not optimal (relative KKT residual {kkt.kkt_residual:.1e});"
             " the problem may be unbounded or badly scaled")
@@ -384,8 +383,7 @@ def _solve_dense(call: SolveCall, P_vals, q, r, C_vals, c0):
     kkt = BatchedQuadraticKKT(P, q, C, c0, st.sense, st.lb, st.ub, x, mu_all, valid, hint,
                               P_cholesky)
 
-    # (`~(≤)`: a NaN residual, from a point that overflowed, fails too)
-    bad = valid & ~(kkt.kkt_residual <= KKT_TOLERANCE)
+    bad = valid & (kkt.kkt_residual > KKT_TOLERANCE)
     if solver in _RETRIED_WITH_SCS and "solver_error" in status:
         # members the solver gave up on (not proved infeasible or unbounded) get SCS too
         gave_up = torch.tensor([s == "solver_error" for s in status], device=q.device)
@@ -404,7 +402,7 @@ def _solve_dense(call: SolveCall, P_vals, q, r, C_vals, c0):
         hint = None if hint is None else hint & ~bad.reshape(B, 1)
         kkt = BatchedQuadraticKKT(P, q, C, c0, st.sense, st.lb, st.ub, x, mu_all, valid, hint,
                               P_cholesky)
-        bad = valid & ~(kkt.kkt_residual <= KKT_TOLERANCE)
+        bad = valid & (kkt.kkt_residual > KKT_TOLERANCE)
     if bool(bad.any()):
         for b in torch.nonzero(bad).flatten().tolist():
             status[b] = "not_optimal"

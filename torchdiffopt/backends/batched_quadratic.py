@@ -617,8 +617,8 @@ class ActiveSetDerivatives:
         df = (0.5 * torch.einsum("bdi,bi->bd", dPx, x) + torch.einsum("bdi,bi->bd", dq, x)
               + dr + torch.einsum("bi,bdi->bd", mu, dCx))
         keep = self.valid.to(x.dtype)
-        return (z_x * -keep[:, None, None], z_rows[..., :m] * -keep[:, None, None],
-                df * keep[:, None])
+        sign = -keep[:, None, None]
+        return z_x * sign, z_rows[..., :m] * sign, df * keep[:, None]
 
     # -- reverse mode ---------------------------------------------------------------------
     def vjp(self, x_bar, mu_bar=None, f_bar=None, wanted=ALL_COTANGENTS):
@@ -787,8 +787,9 @@ class BatchedQuadraticKKT(ActiveSetDerivatives):
         scale = 1.0 + torch.maximum(torch.maximum(q.abs().amax(-1), Px.abs().amax(-1)),
                                     _amax((C_abs.mT @ mu_abs.unsqueeze(-1)).squeeze(-1)))
         violation = torch.where(equality, res.abs(), torch.relu(-sense_all * res))
-        self.kkt_residual = torch.maximum(
+        residual = torch.maximum(
             torch.maximum(stationarity.abs().amax((-2, -1)), _amax(torch.relu(sense_all * mu_all)))
             / scale, _amax(violation / row_scale))
-        if not all_valid:
-            self.kkt_residual = self.kkt_residual * valid
+        # +inf where NaN (a point that overflowed): no tolerance certifies it
+        residual = torch.where(residual.isnan(), torch.inf, residual)
+        self.kkt_residual = residual if all_valid else torch.where(valid, residual, 0.0)

@@ -35,7 +35,7 @@ from torch.func import grad, jacrev
 from ..errors import SolverError, warn_degenerate
 from ..linalg.factorization import factorize_symmetric
 from ..nested_jvp import double_backward_jvp
-from .quadratic import ACTIVE_RTOL, WEAK_RTOL, DataCotangent, bound_rows
+from .quadratic import ACTIVE_RTOL, WEAK_RTOL, DataCotangent, bound_rows, largest_residual
 
 _F64 = torch.float64
 #: relative KKT residual a polished point must reach
@@ -171,12 +171,12 @@ class NonlinearKKT:
         primal = (violation / row_scale).max(initial=0.0)
         dual = np.maximum(self._sense * self.mu_all, 0.0).max(initial=0.0) / scale
         complementarity = (np.abs(self.mu_all * rows) / (scale * row_scale)).max(initial=0.0)
-        return float(max(stationarity, primal, dual, complementarity))
+        return largest_residual(stationarity, primal, dual, complementarity)
 
     def certify(self) -> None:
         """Raise unless the polished point satisfies the KKT conditions; warn when the
         derivative is degenerate (singular K, weakly active rows, SOSC failing)."""
-        if not self.kkt_residual <= KKT_TOLERANCE:  # (a NaN residual fails too)
+        if self.kkt_residual > KKT_TOLERANCE:
             raise SolverError(
                 f"no local optimum found (relative KKT residual {self.kkt_residual:.1e} after "
                 "polishing): the problem may be locally infeasible, unbounded or nonsmooth here")

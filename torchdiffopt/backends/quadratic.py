@@ -98,6 +98,14 @@ class DataCotangent:
         return self.v + self.f_bar * self.mu
 
 
+def largest_residual(*parts: float) -> float:
+    """The largest of a residual's ``parts``, and +inf where any is NaN: a point that
+    overflowed is not certified by any tolerance (Python's ``max`` keeps or drops a NaN by
+    its position, and ``NaN > tolerance`` is False)."""
+    largest = float(np.max(parts))
+    return np.inf if np.isnan(largest) else largest
+
+
 def bound_rows(lb: np.ndarray, ub: np.ndarray):
     """Rows ``x_j + c0 ∈ S`` for the finite bounds: (variable index, c0, sense).
 
@@ -193,7 +201,7 @@ class QuadraticKKT:
         violation[sense_all == 0] = np.abs(C_all @ x + c0_all)[sense_all == 0]
         primal = (violation / row_scale).max(initial=0.0)
         dual = np.maximum(sense_all * mu, 0.0).max(initial=0.0) / scale
-        return float(max(stationarity, primal, dual))
+        return largest_residual(stationarity, primal, dual)
 
     def warn_if_degenerate(self) -> None:
         """Emit a :class:`DegenerateSolutionWarning` if ``K`` is singular or some

@@ -43,7 +43,7 @@ from ..folding import is_transformed
 from ..linalg.threads import serial_numpy_blas
 from .batched_quadratic import (ALL_COTANGENTS, SCHUR_PIVOT_RTOL, ActiveSetDerivatives,
                                 data_cotangents)
-from .quadratic import ACTIVE_RTOL, WEAK_RTOL
+from .quadratic import ACTIVE_RTOL, WEAK_RTOL, largest_residual
 
 #: the pivot test on Cholesky diagonals: ``min L_ii ≥ √SCHUR_PIVOT_RTOL · max L_ii``
 _PIVOT_RATIO = SCHUR_PIVOT_RTOL ** 0.5
@@ -209,10 +209,11 @@ def single_kkt(P, L, q, r, C_all, c0_all, sense_all, m, x, mu_all, hint,
     scale = 1.0 + max(np.abs(q).max(initial=0.0), np.abs(Px).max(initial=0.0),
                       (C_abs.T @ mu_abs).max(initial=0.0))
     violation = np.where(equality, np.abs(residual), np.maximum(-sense_all * residual, 0.0))
-    kkt_residual = max(max(np.abs(stationarity).max(initial=0.0),
-                           np.maximum(sense_all * mu_all, 0.0).max(initial=0.0)) / scale,
-                       (violation / row_scale).max(initial=0.0))
-    if not kkt_residual <= residual_tol:  # (a NaN residual fails too)
+    kkt_residual = largest_residual(
+        np.abs(stationarity).max(initial=0.0) / scale,
+        np.maximum(sense_all * mu_all, 0.0).max(initial=0.0) / scale,
+        (violation / row_scale).max(initial=0.0))
+    if kkt_residual > residual_tol:
         return None
     f = float((0.5 * Px + q) @ x + r)
     return SingleQuadraticKKT(x, mu_all, m, rows, K, K_inv, f)

@@ -116,8 +116,10 @@ class Model:
         upper = np.broadcast_to(np.asarray(np.inf if ub is None else ub, float), shape).ravel()
         if np.any(np.isnan(lower)) or np.any(np.isnan(upper)):
             raise ValueError(f"bounds of variable {var.name!r} contain NaN")
-        if np.any(lower > upper):
-            raise ValueError(f"variable {var.name!r} has a lower bound above its upper bound")
+        if np.any(lower > upper) or np.any(lower == np.inf) or np.any(upper == -np.inf):
+            raise ValueError(f"variable {var.name!r} has bounds that no value meets: a lower "
+                             "bound above its upper bound, a lower bound of +inf or an upper "
+                             "bound of -inf")
         self._variables.append(var)
         self._start.append(np.full(size, np.nan))
         if start is not None:
